@@ -1,0 +1,1 @@
+"""Shuffling BatchNorm across Horovod ranks."""
