@@ -107,7 +107,7 @@ else
 fi
 
 # 4. This package -----------------------------------------------------------------------------
-if ! "$VENV/bin/python" -c 'import hvd_shufflebn' 2>/dev/null; then
+if ! "$VENV/bin/python" -m pip show -q hvd_shufflebn >/dev/null 2>&1; then
     say "installing hvd_shufflebn (editable)"
     pip_install --no-deps --no-build-isolation -e .
 fi

@@ -1,0 +1,138 @@
+"""The shuffled batch norm as an autograd Function: forward, exact backward, running statistics.
+
+Notation (docs/design.md has the derivation): rank r normalises with the statistics of rank
+u = p[r]. m, v: per-channel mean and biased variance; s = 1/sqrt(v + eps); M: values per channel.
+
+    forward   y_r  = w * (x_r - m_u) * s_u + b
+    backward  A_r  = sum(dy_r),  B_r = sum(dy_r * (x_r - m_u))
+              dw_r = B_r * s_u,  db_r = A_r
+              (g_m, g_v) = (-w s_u A_r, -w s_u^3 B_r / 2)  travel back to rank u, and rank q adds
+              what it receives to its direct term:
+              dx_q = w s_{p[q]} dy_q + g_m / M_q + g_v * 2 (x_q - m_q) / M_q
+"""
+from typing import Optional, Sequence
+
+import torch
+
+from . import permutation as perms
+from .exchange import COUNT, HEADER, HorovodTransport, raise_if_any_rank_failed
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics are accumulated in float32 for float32/float16/bfloat16 inputs, float64 for float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def input_error(input: torch.Tensor, num_features: int) -> Optional[str]:
+    """Why this rank cannot take part in a training step with ``input``, or None."""
+    if input.dim() < 2:
+        return f"expected input of shape (N, C, *) with at least 2 dims, got shape {tuple(input.shape)}"
+    if input.size(1) != num_features:
+        return (f"expected {num_features} channels (dim 1), got input of shape "
+                f"{tuple(input.shape)}")
+    if not input.is_floating_point():
+        return f"expected a floating point input, got {input.dtype}"
+    if input.numel() // num_features < 2:
+        return ("expected more than 1 value per channel when training, got input of shape "
+                f"{tuple(input.shape)}")
+    return None
+
+
+def _channel_shape(input: torch.Tensor):
+    return (1, -1) + (1,) * (input.dim() - 2)
+
+
+def _reduce_dims(input: torch.Tensor):
+    return [0] + list(range(2, input.dim()))
+
+
+class ShuffleBatchNormFunction(torch.autograd.Function):
+    """Inputs after ``bias`` are not differentiable: running buffers (updated in place), settings."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, running_mean, running_var, num_features: int,
+                exponential_average_factor: float, eps: float, perm: Sequence[int],
+                local_error: Optional[str], needs_grad: bool, transport: HorovodTransport,
+                name: str):
+        rank = transport.rank
+        acc = accumulation_dtype(input.dtype) if input.is_floating_point() else torch.float32
+        if local_error is None:
+            var, mean = torch.var_mean(input.to(acc), dim=_reduce_dims(input), correction=0)
+            count = input.numel() // num_features
+        else:  # still take part, so that the others learn about the error instead of hanging
+            mean = var = torch.zeros(num_features, dtype=acc, device=input.device)
+            count = 0
+        # Packets travel in float64: counts stay exact and the variance of the union of all
+        # batches, E[x^2] - E[x]^2, does not cancel catastrophically.
+        mean64, var64 = mean.double(), var.double()
+        count64 = torch.tensor([float(count)], dtype=torch.float64, device=input.device)
+        packet = torch.cat([mean64, var64, count64]).unsqueeze(0)
+        fp = perms.fingerprint(perm)
+        header = torch.tensor([float(local_error is not None), fp, fp * fp, float(needs_grad), count],
+                              dtype=torch.float64, device=input.device)
+        totals = torch.cat([header, count64 * mean64, count64 * (var64 + mean64 * mean64)])
+
+        received, totals = transport.send_and_sum(name, packet, perms.inverse(perm)[rank], totals)
+        raise_if_any_rank_failed(transport, name, totals[:HEADER].cpu(), local_error, tuple(perm),
+                                 needs_grad)
+
+        borrowed = received[0]
+        borrowed_mean = borrowed[:num_features].to(acc)
+        borrowed_invstd = torch.rsqrt(borrowed[num_features:2 * num_features] + eps).to(acc)
+        if running_mean is not None:
+            _update_running_stats(running_mean, running_var, totals, num_features,
+                                  exponential_average_factor)
+
+        shape = _channel_shape(input)
+        scale = borrowed_invstd if weight is None else borrowed_invstd * weight.to(acc)
+        shift = -borrowed_mean * scale if bias is None else bias.to(acc) - borrowed_mean * scale
+        source = input if acc == input.dtype else input.to(acc)
+        output = (source * scale.view(shape) + shift.view(shape)).to(input.dtype)
+
+        ctx.save_for_backward(input, weight, borrowed_mean, borrowed_invstd, mean)
+        ctx.count, ctx.perm, ctx.transport, ctx.name = count, tuple(perm), transport, name
+        ctx.param_dtype = None if weight is None else weight.dtype
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, weight, borrowed_mean, borrowed_invstd, own_mean = ctx.saved_tensors
+        acc = borrowed_mean.dtype
+        shape, dims = _channel_shape(input), _reduce_dims(input)
+        dy = grad_output.to(acc)
+        x = input.to(acc)
+        sum_dy = dy.sum(dims)
+        sum_dy_xmu = (dy * (x - borrowed_mean.view(shape))).sum(dims)
+
+        grad_weight = grad_bias = grad_input = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (sum_dy_xmu * borrowed_invstd).to(ctx.param_dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = sum_dy.to(ctx.param_dtype)
+        if ctx.needs_input_grad[0]:
+            w_invstd = borrowed_invstd if weight is None else borrowed_invstd * weight.to(acc)
+            grad_mean = -w_invstd * sum_dy
+            grad_var = -0.5 * w_invstd * borrowed_invstd * borrowed_invstd * sum_dy_xmu
+            # Rank r borrowed from p[r]: that is where the gradient of its statistics belongs.
+            packet = torch.cat([grad_mean, grad_var]).double().unsqueeze(0)
+            received, _ = ctx.transport.send_and_sum(ctx.name + ".grad", packet,
+                                                     ctx.perm[ctx.transport.rank])
+            grad_own_mean, grad_own_var = received[0].to(acc).chunk(2)
+            # dx = w s_u dy + g_m / M + g_v * 2 (x - m) / M, as dy * a + x * b + c per channel
+            b = 2.0 * grad_own_var / ctx.count
+            c = grad_own_mean / ctx.count - own_mean * b
+            grad_input = (dy * w_invstd.view(shape) + x * b.view(shape) + c.view(shape))
+            grad_input = grad_input.to(input.dtype)
+        return (grad_input, grad_weight, grad_bias) + (None,) * 10
+
+
+def _update_running_stats(running_mean, running_var, totals, num_features, factor):
+    """Blend in the mean and unbiased variance of the union of all ranks' batches (as torch's
+    BatchNorm would on the concatenated global batch); identical on every rank."""
+    count = totals[COUNT]
+    sums = totals[HEADER:HEADER + num_features]
+    sums_sq = totals[HEADER + num_features:]
+    mean = sums / count
+    var = (sums_sq / count - mean * mean).clamp_min(0) * (count / (count - 1))
+    running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
+    running_var.mul_(1 - factor).add_(var.to(running_var.dtype), alpha=factor)

@@ -1,0 +1,77 @@
+"""Which rank's statistics each rank borrows: the permutation ``p`` (rank r uses rank p[r]).
+
+Every rank derives the same ``p`` from the same inputs (mode, seed, step, size), so agreeing on it
+costs no communication. A fingerprint of ``p`` travels with the statistics so that ranks which
+disagree anyway (different seeds, a rank-dependent callable) are caught instead of mis-routed.
+"""
+import zlib
+from typing import Callable, Sequence, Tuple, Union
+
+import torch
+
+PermutationSpec = Union[str, Sequence[int], Callable[[int, int], Sequence[int]]]
+MODES = ("derangement", "random", "shift")
+
+
+def check_spec(spec: PermutationSpec) -> PermutationSpec:
+    """Validate what can be validated before the world size is known; raise ValueError otherwise."""
+    if isinstance(spec, str):
+        if spec not in MODES:
+            raise ValueError(f"permutation must be one of {MODES}, a sequence of ints or a callable "
+                             f"(step, size) -> sequence, got {spec!r}")
+        return spec
+    if callable(spec):
+        return spec
+    try:
+        perm = tuple(spec)
+    except TypeError:
+        raise ValueError(f"permutation must be a mode name, a sequence of ints or a callable, "
+                         f"got {spec!r}") from None
+    validate(perm, len(perm))
+    return perm
+
+
+def validate(perm, size: int) -> Tuple[int, ...]:
+    """Return ``perm`` as a tuple of ints if it is a permutation of range(size), else raise ValueError."""
+    try:
+        values = tuple(int(v) for v in perm)
+        if any(v != w for v, w in zip(values, perm)):
+            raise TypeError
+    except (TypeError, ValueError):
+        raise ValueError(f"permutation must be a sequence of ints, got {perm!r}") from None
+    if sorted(values) != list(range(size)):
+        raise ValueError(f"permutation {values} is not a permutation of range({size})")
+    return values
+
+
+def permutation_for(spec: PermutationSpec, seed: int, step: int, size: int) -> Tuple[int, ...]:
+    """The permutation for training step ``step`` on ``size`` ranks; ValueError if ``spec`` gives none."""
+    if spec == "shift":
+        return tuple((r + 1) % size for r in range(size))
+    if spec in ("derangement", "random"):
+        return _seeded(seed, step, size, derangement=spec == "derangement")
+    if callable(spec):
+        return validate(spec(step, size), size)
+    return validate(spec, size)
+
+
+def _seeded(seed: int, step: int, size: int, derangement: bool) -> Tuple[int, ...]:
+    # One generator per (seed, step): the same on every rank, independent of anything else the
+    # program draws from torch's global RNG.
+    gen = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2 ** 63))
+    while True:  # rejection sampling: a random permutation is a derangement with probability ~1/e
+        perm = tuple(torch.randperm(size, generator=gen).tolist())
+        if not derangement or size < 2 or all(p != r for r, p in enumerate(perm)):
+            return perm
+
+
+def inverse(perm: Sequence[int]) -> Tuple[int, ...]:
+    inv = [0] * len(perm)
+    for r, p in enumerate(perm):
+        inv[p] = r
+    return tuple(inv)
+
+
+def fingerprint(perm: Sequence[int]) -> int:
+    """A small integer (< 2**20) identifying ``perm``; exact in float64 even when squared and summed."""
+    return zlib.crc32(",".join(map(str, perm)).encode()) % (1 << 20)
