@@ -1,0 +1,371 @@
+"""Distributed correctness checks, run on every rank by mpirun or horovodrun:
+
+    mpirun -np 4 python tests/dist_worker.py [case ...]      (no case: all of them)
+
+Each rank runs the layer on its own data; the inputs, upstream gradients and results of all
+ranks are then gathered (with mpi4py under mpirun, through files under horovodrun --gloo, never
+through the layer's own transport) and compared on every rank with an independent float64
+reference computed by autograd in one process. Any failed check raises, so the rank exits
+non-zero and the launcher fails the run.
+"""
+import os
+import pickle
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+import horovod.torch as hvd
+from hvd_shufflebn import (ShuffleBatchNorm, ShuffleBatchNormError, convert_shuffle_batchnorm,
+                           revert_shuffle_batchnorm)
+
+MPI = None
+if "OMPI_COMM_WORLD_SIZE" in os.environ:  # launched by mpirun: mpi4py gathers the test data
+    from mpi4py import MPI
+
+TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-4, atol=2e-5),
+       torch.float16: dict(rtol=2e-2, atol=2e-2), torch.bfloat16: dict(rtol=6e-2, atol=6e-2)}
+
+
+class Gatherer:
+    """allgather of Python objects that does not go through Horovod."""
+
+    def __init__(self):
+        self.comm = MPI.COMM_WORLD.Dup() if MPI is not None else None
+        self.calls = 0
+        # One directory per launch (the test driver makes it), shared by all ranks of that launch.
+        self.dir = os.environ.get("SHUFFLEBN_TEST_DIR") or os.path.join(
+            tempfile.gettempdir(), "shufflebn-" + os.environ.get("HOROVOD_GLOO_RENDEZVOUS_PORT", ""))
+        os.makedirs(self.dir, exist_ok=True)
+
+    def __call__(self, obj, ranks=None):
+        if self.comm is not None:
+            gathered = self.comm.allgather(obj)
+        else:  # horovodrun --gloo: no MPI; exchange through files on the shared file system
+            self.calls += 1
+            path = os.path.join(self.dir, f"gather-{self.calls}-{{}}.pkl")
+            with open(path.format(hvd.rank()) + ".tmp", "wb") as f:
+                pickle.dump(obj, f)
+            os.replace(path.format(hvd.rank()) + ".tmp", path.format(hvd.rank()))
+            gathered = []
+            for r in range(hvd.size()):
+                deadline = time.time() + 120
+                while not os.path.exists(path.format(r)):
+                    assert time.time() < deadline, f"rank {r} never wrote {path.format(r)}"
+                    time.sleep(0.01)
+                with open(path.format(r), "rb") as f:
+                    gathered.append(pickle.load(f))
+            hvd.allreduce(torch.zeros(1), name=f"test.gather.{self.calls}")  # all have read
+            os.remove(path.format(hvd.rank()))
+        return gathered if ranks is None else [gathered[r] for r in ranks]
+
+
+gather = None
+RANK = SIZE = None
+
+
+def reference(xs, dys, weights, biases, perm, eps):
+    """float64 autograd on all ranks' data in one process: outputs and gradients per rank."""
+    xs = [x.double().requires_grad_() for x in xs]
+    ws = [None if w is None else w.double().requires_grad_() for w in weights]
+    bs = [None if b is None else b.double().requires_grad_() for b in biases]
+    outs = []
+    for r, x in enumerate(xs):
+        source = xs[perm[r]]
+        dims = [0] + list(range(2, x.dim()))
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mean = source.mean(dims)
+        var = source.var(dims, unbiased=False)
+        y = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + eps)
+        if ws[r] is not None:
+            y = y * ws[r].view(shape) + bs[r].view(shape)
+        outs.append(y)
+    sum((y * dy.double()).sum() for y, dy in zip(outs, dys)).backward()
+    return ([y.detach() for y in outs], [x.grad for x in xs],
+            [None if w is None else w.grad for w in ws], [None if b is None else b.grad for b in bs])
+
+
+def reference_running(xs, running_mean, running_var, momentum):
+    """What torch.nn.BatchNorm tracks on the concatenation of all ranks' batches."""
+    flat = [x.double().transpose(0, 1).reshape(x.size(1), -1) for x in xs]
+    union = torch.cat(flat, dim=1)
+    mean, var = union.mean(1), union.var(1, unbiased=True)
+    return ((1 - momentum) * running_mean.double() + momentum * mean,
+            (1 - momentum) * running_var.double() + momentum * var)
+
+
+def close(actual, expected, dtype, what):
+    torch.testing.assert_close(actual.double(), expected.double(), **TOL[dtype],
+                               msg=lambda m: f"rank {RANK}: {what}: {m}")
+
+
+def make_input(shape, dtype, seed, channels_last=False, requires_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    return x.requires_grad_(requires_grad)
+
+
+def run_and_check(layer, shape, dtype=torch.float32, steps=2, channels_last=False, ranks=None,
+                  expected_perm=None, seed=0):
+    """Train ``layer`` for ``steps`` steps and compare everything with the reference."""
+    ranks = list(range(SIZE)) if ranks is None else ranks
+    me = ranks.index(RANK)
+    perms = []
+    for step in range(steps):
+        running_before = None
+        if layer.track_running_stats:
+            running_before = (layer.running_mean.clone(), layer.running_var.clone(),
+                              int(layer.num_batches_tracked))
+        x = make_input(shape, dtype, seed=1000 * step + 17 * RANK + seed, channels_last=channels_last)
+        dy = make_input(x.shape, dtype, seed=5000 + 1000 * step + RANK + seed, requires_grad=False)
+        for p in layer.parameters():
+            p.grad = None
+        y = layer(x)
+        y.backward(dy)
+        perm = layer.last_permutation
+        perms.append(perm)
+        if channels_last:
+            fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+            assert y.is_contiguous(memory_format=fmt), "output lost channels_last"
+        assert y.dtype == x.dtype and x.grad.dtype == x.dtype
+
+        mine = dict(x=x.detach(), dy=dy, y=y.detach(), dx=x.grad, perm=perm,
+                    w=None if layer.weight is None else layer.weight.detach(),
+                    b=None if layer.bias is None else layer.bias.detach(),
+                    dw=None if layer.weight is None else layer.weight.grad,
+                    db=None if layer.bias is None else layer.bias.grad)
+        everyone = gather(mine, ranks)
+        assert all(e["perm"] == perm for e in everyone), f"permutations differ: {everyone}"
+        if expected_perm is not None:
+            assert perm == tuple(expected_perm(step, len(ranks))), (perm, step)
+        ys, dxs, dws, dbs = reference([e["x"] for e in everyone], [e["dy"] for e in everyone],
+                                      [e["w"] for e in everyone], [e["b"] for e in everyone],
+                                      perm, layer.eps)
+        close(y, ys[me], dtype, f"output, step {step}")
+        close(x.grad, dxs[me], dtype, f"input gradient, step {step}")
+        if layer.affine:
+            close(layer.weight.grad, dws[me], layer.weight.dtype, "weight gradient")
+            close(layer.bias.grad, dbs[me], layer.bias.dtype, "bias gradient")
+        if running_before is not None:
+            mean_before, var_before, tracked = running_before
+            momentum = layer.momentum if layer.momentum is not None else 1.0 / (tracked + 1)
+            mean, var = reference_running([e["x"] for e in everyone], mean_before, var_before,
+                                          momentum)
+            close(layer.running_mean, mean, torch.float32, "running_mean")
+            close(layer.running_var, var, torch.float32, "running_var")
+            assert int(layer.num_batches_tracked) == tracked + 1
+            buffers = gather(torch.cat([layer.running_mean, layer.running_var]), ranks)
+            assert all(torch.equal(b, buffers[0]) for b in buffers), "running stats differ by rank"
+    return perms
+
+
+def is_derangement(p):
+    return all(p[r] != r for r in range(len(p)))
+
+
+# --- cases ------------------------------------------------------------------------------------
+
+def case_shapes_and_uneven_batches():
+    for dims, spatial in ((2, ()), (3, (7,)), (4, (3, 4)), (5, (2, 3, 2))):
+        n = 2 + RANK % 3  # uneven batch sizes across ranks
+        layer = ShuffleBatchNorm(5, momentum=0.3)
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 1.5)
+            layer.bias.uniform_(-0.5, 0.5)
+        perms = run_and_check(layer, (n, 5) + spatial, torch.float64, steps=2)
+        assert all(is_derangement(p) for p in perms), perms
+
+
+def case_permutation_modes():
+    shift = lambda step, size: [(r + 1) % size for r in range(size)]
+    reverse = list(reversed(range(SIZE)))
+    rotate = lambda step, size: [(r + step + 1) % size for r in range(size)]
+    for spec, expected in (("shift", shift), (reverse, lambda s, n: reverse), (rotate, rotate),
+                           ("random", None), ("derangement", None)):
+        layer = ShuffleBatchNorm(4, momentum=None, permutation=spec, seed=7)
+        perms = run_and_check(layer, (3, 4, 5), torch.float32, steps=3, expected_perm=expected)
+        if spec == "derangement":
+            assert all(is_derangement(p) for p in perms), perms
+            if SIZE >= 3:
+                assert len(set(perms)) > 1, f"the derangement never changed: {perms}"
+        if spec == "random":
+            assert all(sorted(p) == list(range(SIZE)) for p in perms), perms
+
+
+def case_dtypes_and_memory_formats():
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        layer = ShuffleBatchNorm(6)
+        run_and_check(layer, (4, 6, 3, 3), dtype, steps=1)
+    for shape in ((3, 6, 4, 5), (2, 6, 3, 4, 2)):
+        layer = ShuffleBatchNorm(6)
+        run_and_check(layer, shape, torch.float32, steps=1, channels_last=True)
+    # A float64 layer: parameters and buffers in float64, statistics too.
+    run_and_check(ShuffleBatchNorm(3, dtype=torch.float64), (3, 3, 4), torch.float64, steps=1)
+
+
+def case_affine_and_tracking_off():
+    layer = ShuffleBatchNorm(4, affine=False, track_running_stats=False)
+    run_and_check(layer, (3, 4, 6), torch.float64, steps=1)
+    # Without running statistics, eval mode also shuffles batch statistics.
+    layer.eval()
+    run_and_check(layer, (3, 4, 6), torch.float64, steps=1)
+
+
+def case_eval_is_local():
+    layer = ShuffleBatchNorm(4)
+    run_and_check(layer, (5, 4, 3), torch.float32, steps=1)
+    layer.eval()
+    x = make_input((2, 4, 3), torch.float32, seed=RANK, requires_grad=False)
+    expected = F.batch_norm(x, layer.running_mean, layer.running_var, layer.weight, layer.bias,
+                            False, 0.0, layer.eps)
+    # A different number of calls per rank: any communication would hang or mismatch.
+    for _ in range(1 + 2 * RANK):
+        close(layer(x), expected, torch.float32, "eval output")
+
+
+def case_no_input_grad():
+    """Key-encoder style (no_grad), and an input that needs no gradient but parameters do."""
+    layer = ShuffleBatchNorm(3)
+    x = make_input((4, 3, 5), torch.float32, seed=RANK, requires_grad=False)
+    with torch.no_grad():
+        y = layer(x)
+    everyone = gather(x)
+    ys, _, _, _ = reference(everyone, [torch.zeros_like(e) for e in everyone],
+                            [layer.weight.detach()] * SIZE, [layer.bias.detach()] * SIZE,
+                            layer.last_permutation, layer.eps)
+    close(y, ys[RANK], torch.float32, "no_grad output")
+    layer.weight.grad = None
+    dy = make_input(x.shape, torch.float32, seed=99 + RANK, requires_grad=False)
+    layer(x).backward(dy)  # only weight/bias need gradients: no backward exchange
+    _, _, dws, _ = reference(gather(x), gather(dy), [layer.weight.detach()] * SIZE,
+                             [layer.bias.detach()] * SIZE, layer.last_permutation, layer.eps)
+    close(layer.weight.grad, dws[RANK], torch.float32, "weight gradient without input gradient")
+
+
+def case_process_sets():
+    if SIZE < 4:
+        return
+    halves = [list(range(0, SIZE, 2)), list(range(1, SIZE, 2))]
+    mine = halves[RANK % 2]
+    layer = ShuffleBatchNorm(3, process_set=PROCESS_SETS[RANK % 2])
+    perms = run_and_check(layer, (3, 3, 4), torch.float64, steps=2, ranks=mine)
+    assert all(len(p) == len(mine) for p in perms)
+
+
+def case_convert_roundtrip_distributed():
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.BatchNorm2d(4),
+                                torch.nn.ReLU(), torch.nn.Conv2d(4, 3, 1), torch.nn.BatchNorm2d(3))
+    model = convert_shuffle_batchnorm(model, permutation="shift")
+    x = make_input((3, 2, 6, 6), torch.float32, seed=RANK)
+    model(x).sum().backward()
+    assert all(m.last_permutation == tuple((r + 1) % SIZE for r in range(SIZE))
+               for m in model.modules() if isinstance(m, ShuffleBatchNorm))
+    reverted = revert_shuffle_batchnorm(model)
+    assert type(reverted[1]) is torch.nn.BatchNorm2d and type(reverted[4]) is torch.nn.BatchNorm2d
+    states = gather({k: v for k, v in reverted.state_dict().items() if "running" in k})
+    assert all(torch.equal(s[k], states[0][k]) for s in states for k in s)
+
+
+def expect_error(fn, *fragments):
+    """``fn`` must raise ShuffleBatchNormError on every rank, with the same message."""
+    try:
+        fn()
+    except ShuffleBatchNormError as error:
+        message = str(error)
+    else:
+        raise AssertionError(f"rank {RANK}: no error raised")
+    messages = gather(message)
+    assert all(m == message for m in messages), f"messages differ between ranks: {messages}"
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    return message
+
+
+def case_bad_inputs():
+    bad = 2 if SIZE > 2 else SIZE - 1  # the one rank that misbehaves
+    layer = ShuffleBatchNorm(4)
+    good = lambda: make_input((3, 4, 5), torch.float32, seed=RANK)
+    run_and_check(layer, (3, 4, 5), torch.float32, steps=1)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+
+    def unchanged():
+        for k, v in layer.state_dict().items():
+            assert torch.equal(v, state[k]), f"{k} changed by a step that raised"
+
+    cases = [
+        ((1, 4), [f"rank {bad}", "more than 1 value per channel"]),
+        ((3, 5, 5), [f"rank {bad}", "expected 4 channels"]),
+        ((4,), [f"rank {bad}", "at least 2 dims"]),
+        ((0, 4, 3), [f"rank {bad}", "more than 1 value per channel"]),
+    ]
+    for bad_shape, fragments in cases:
+        x = make_input(bad_shape, torch.float32, seed=1) if RANK == bad else good()
+        expect_error(lambda: layer(x), *fragments)
+        unchanged()
+    x = good().detach().to(torch.int64) if RANK == bad else good()
+    expect_error(lambda: layer(x), f"rank {bad}", "floating point")
+    unchanged()
+
+    # The input needs a gradient on some ranks only: a backward would hang.
+    x = good().detach().requires_grad_(RANK != bad)
+    expect_error(lambda: layer(x), "requires grad on ranks")
+    unchanged()
+
+    # Permutations that differ between ranks, or are not permutations on one rank.
+    layer.permutation = "shift" if RANK != bad else list(range(SIZE))
+    expect_error(lambda: layer(good()), "disagree on the permutation")
+    layer.permutation = lambda step, size: list(range(size)) if RANK != bad else [0] * size
+    expect_error(lambda: layer(good()), f"rank {bad}", "invalid permutation")
+    unchanged()
+
+    # After all that, the layer and Horovod still work.
+    layer.permutation = "derangement"
+    run_and_check(layer, (3, 4, 5), torch.float32, steps=1)
+
+    # A layer built with a different num_features on one rank.
+    other = ShuffleBatchNorm(5 if RANK == bad else 4)
+    x = make_input((3, other.num_features, 2), torch.float32, seed=RANK)
+    expect_error(lambda: other(x), "disagree on num_features", f"rank {bad} has 5")
+
+
+def case_nan_propagates():
+    """Documented behaviour: NaN/Inf statistics propagate (like torch.nn.BatchNorm), no error."""
+    layer = ShuffleBatchNorm(2, permutation="shift")
+    x = make_input((3, 2, 4), torch.float32, seed=RANK, requires_grad=False)
+    if RANK == 0:
+        x[0, 0, 0] = float("nan")
+    y = layer(x)
+    borrower = (SIZE - 1)  # rank SIZE-1 borrows from rank 0 under "shift"
+    assert torch.isnan(y[:, 0]).all() == (RANK == borrower), f"rank {RANK}: {y}"
+    assert not torch.isnan(y[:, 1]).any()
+    assert torch.isnan(layer.running_mean[0]) and not torch.isnan(layer.running_mean[1])
+
+
+CASES = {name[len("case_"):]: fn for name, fn in sorted(globals().items())
+         if name.startswith("case_")}
+PROCESS_SETS = []
+
+
+def main(names):
+    global gather, RANK, SIZE
+    torch.set_num_threads(1)
+    size = int(os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("HOROVOD_SIZE") or 1)
+    if size >= 4:
+        PROCESS_SETS.extend(hvd.ProcessSet(list(range(start, size, 2))) for start in (0, 1))
+    hvd.init(process_sets=PROCESS_SETS or None)
+    RANK, SIZE = hvd.rank(), hvd.size()
+    gather = Gatherer()
+    for name in names or CASES:
+        started = time.time()
+        CASES[name]()
+        gather(None)  # every rank finished this case before the next begins
+        if RANK == 0:
+            print(f"PASS {name} ({SIZE} ranks, {time.time() - started:.1f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
