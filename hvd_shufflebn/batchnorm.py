@@ -73,6 +73,7 @@ class ShuffleBatchNorm(_BatchNorm):
         if not self.training and self.running_mean is not None:
             # Eval with running statistics: purely local, like torch.nn.BatchNorm.
             self._check_input_dim(input)
+            self._input_dim = input.dim()
             return F.batch_norm(input, self.running_mean, self.running_var, self.weight,
                                 self.bias, False, 0.0, self.eps)
         transport = self._transport()

@@ -1,0 +1,140 @@
+"""Tests that need no other rank: conversion, checkpoints, argument checks, permutations."""
+import pytest
+import torch
+from torch import nn
+
+from hvd_shufflebn import (ShuffleBatchNorm, ShuffleBatchNormError, convert_shuffle_batchnorm,
+                           revert_shuffle_batchnorm)
+from hvd_shufflebn import permutation as perms
+from launch import ROOT, run
+
+
+def small_model():
+    return nn.Sequential(nn.Conv1d(2, 4, 1), nn.BatchNorm1d(4), nn.Conv2d(4, 4, 1),
+                         nn.BatchNorm2d(4, affine=False), nn.Conv3d(4, 4, 1),
+                         nn.BatchNorm3d(4, momentum=None, track_running_stats=False),
+                         nn.SyncBatchNorm(4, eps=1e-3), nn.Sequential(nn.BatchNorm2d(4)))
+
+
+def trained(model):
+    """Give every parameter and buffer a value that differs from its default."""
+    with torch.no_grad():
+        for t in list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]:
+            t.copy_(torch.rand_like(t) + 0.5)
+        for b in model.buffers():
+            if not b.is_floating_point():
+                b.fill_(7)
+    return model
+
+
+def test_convert_keeps_everything_and_reverts():
+    model = trained(small_model())
+    model[1].weight.requires_grad_(False)
+    model.double()
+    classes = [type(m) for m in model.modules()]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    weight = model[1].weight
+    model.eval()
+
+    converted = convert_shuffle_batchnorm(model, permutation="shift", seed=3)
+    shuffles = [m for m in converted.modules() if isinstance(m, ShuffleBatchNorm)]
+    assert len(shuffles) == 5
+    assert converted[1].weight is weight and not converted[1].weight.requires_grad
+    assert all(m.permutation == "shift" and m.seed == 3 and not m.training for m in shuffles)
+    assert converted[3].weight is None and converted[5].running_mean is None
+    assert converted[6].eps == 1e-3 and converted[5].momentum is None
+    assert all(m.running_mean.dtype == torch.float64 for m in shuffles if m.running_mean is not None)
+    assert list(converted.state_dict()) == list(before)
+    for key, value in converted.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    assert len({m.name for m in shuffles}) == 5 and converted[7][0].name.endswith(".7.0")
+
+    reverted = revert_shuffle_batchnorm(converted)
+    assert [type(m) for m in reverted.modules()] == classes
+    assert reverted[1].weight is weight
+    for key, value in reverted.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_checkpoints_load_both_ways():
+    plain = trained(small_model())
+    shuffled = convert_shuffle_batchnorm(small_model())
+    shuffled.load_state_dict(plain.state_dict())
+    fresh = small_model()
+    fresh.load_state_dict(shuffled.state_dict())
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, plain.state_dict()[key]), key
+
+
+def test_convert_a_bare_layer_and_the_classmethod_spelling():
+    layer = ShuffleBatchNorm.convert_shuffle_batchnorm(nn.BatchNorm2d(3))
+    assert isinstance(layer, ShuffleBatchNorm) and layer._batchnorm_class is nn.BatchNorm2d
+    assert type(revert_shuffle_batchnorm(layer)) is nn.BatchNorm2d
+
+
+def test_lazy_batchnorm_is_refused_until_initialised():
+    with pytest.raises(ValueError, match="lazy"):
+        convert_shuffle_batchnorm(nn.Sequential(nn.LazyBatchNorm2d()))
+
+
+def test_revert_of_a_layer_built_directly_follows_its_inputs():
+    with pytest.raises(ValueError, match="has not seen an input"):
+        revert_shuffle_batchnorm(ShuffleBatchNorm(3))
+    for shape, cls in (((2, 3), nn.BatchNorm1d), ((2, 3, 4), nn.BatchNorm1d),
+                       ((2, 3, 4, 4), nn.BatchNorm2d), ((2, 3, 2, 2, 2), nn.BatchNorm3d)):
+        layer = ShuffleBatchNorm(3).eval()
+        layer(torch.randn(shape))  # eval mode: local, no Horovod needed
+        assert type(revert_shuffle_batchnorm(layer)) is cls
+
+
+def test_eval_mode_matches_torch_without_horovod():
+    plain = trained(nn.BatchNorm2d(3)).eval()
+    shuffle = convert_shuffle_batchnorm(trained(nn.BatchNorm2d(3))).eval()
+    shuffle.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(shuffle(x), plain(x))
+    with pytest.raises(ValueError, match="expected 3 channels"):
+        shuffle(torch.randn(2, 4, 4, 4))
+
+
+@pytest.mark.parametrize("bad", ["rotate", [0, 0, 1], [1, 2], 3, [0.5, 1]])
+def test_invalid_permutation_arguments(bad):
+    with pytest.raises(ValueError, match="permutation"):
+        ShuffleBatchNorm(3, permutation=bad)
+
+
+def test_training_before_hvd_init_is_a_clear_error():
+    import horovod.torch as hvd
+    assert not hvd.is_initialized()
+    with pytest.raises(ShuffleBatchNormError, match=r"call hvd.init\(\)"):
+        ShuffleBatchNorm(3)(torch.randn(4, 3))
+
+
+@pytest.mark.parametrize("size", [2, 3, 5, 8])
+def test_seeded_permutations_are_deterministic_derangements(size):
+    seen = set()
+    for step in range(30):
+        p = perms.permutation_for("derangement", 11, step, size)
+        assert p == perms.permutation_for("derangement", 11, step, size)
+        assert sorted(p) == list(range(size)) and all(p[r] != r for r in range(size))
+        assert perms.inverse(p)[p[0]] == 0
+        seen.add(p)
+    expected_distinct = {2: 1, 3: 2}.get(size, 10)
+    assert len(seen) >= expected_distinct
+    assert perms.permutation_for("random", 11, 0, size) != perms.permutation_for("random", 12, 0,
+                                                                                 size) or size < 4
+
+
+def test_callable_permutation_is_validated_each_step():
+    spec = perms.check_spec(lambda step, size: [0] * size if step == 1 else list(range(size)))
+    assert perms.permutation_for(spec, 0, 0, 3) == (0, 1, 2)
+    with pytest.raises(ValueError, match="not a permutation"):
+        perms.permutation_for(spec, 0, 1, 3)
+    with pytest.raises(ValueError, match="not a permutation"):
+        perms.permutation_for((1, 0), 0, 0, 3)
+
+
+@pytest.mark.mpi
+def test_single_rank_is_plain_batchnorm_with_one_warning():
+    done = run("mpirun", 1, ROOT / "tests" / "single_rank_worker.py")
+    assert done.returncode == 0 and "PASS single rank" in done.stdout
