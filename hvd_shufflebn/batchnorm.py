@@ -90,9 +90,8 @@ class ShuffleBatchNorm(_BatchNorm):
             raise_unless_all_ranks_agree(transport, self.name + ".num_features", "num_features",
                                          self.num_features)
             self._num_features_agreed = True
-        step, self.step = self.step, self.step + 1
         try:
-            perm, local_error = perms.permutation_for(self.permutation, self.seed, step,
+            perm, local_error = perms.permutation_for(self.permutation, self.seed, self.step,
                                                       transport.size), None
         except ValueError as error:  # still join the exchange, so every rank can raise it
             perm, local_error = tuple(range(transport.size)), f"invalid permutation: {error}"
@@ -107,6 +106,7 @@ class ShuffleBatchNorm(_BatchNorm):
             self.name)
         if update_running:
             self.num_batches_tracked.add_(1)
+        self.step += 1
         self.last_permutation = perm
         self._input_dim = input.dim()
         return output

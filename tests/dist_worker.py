@@ -291,10 +291,12 @@ def case_bad_inputs():
     good = lambda: make_input((3, 4, 5), torch.float32, seed=RANK)
     run_and_check(layer, (3, 4, 5), torch.float32, steps=1)
     state = {k: v.clone() for k, v in layer.state_dict().items()}
+    step = layer.step
 
     def unchanged():
         for k, v in layer.state_dict().items():
             assert torch.equal(v, state[k]), f"{k} changed by a step that raised"
+        assert layer.step == step, "the step counter moved in a step that raised"
 
     cases = [
         ((1, 4), [f"rank {bad}", "more than 1 value per channel"]),
