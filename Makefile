@@ -10,6 +10,7 @@ setup:
 	bash scripts/setup.sh
 
 test: setup
+	bash scripts/setup_multihost.sh
 	$(PYTHON) -m pytest -ra
 
 demo: setup

@@ -11,7 +11,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 
 from . import permutation as perms
-from .exchange import HorovodTransport, ShuffleBatchNormError, raise_unless_all_ranks_agree
+from .exchange import (TRANSPORTS, ShuffleBatchNormError, make_transport,
+                       raise_unless_all_ranks_agree)
 from .functional import ShuffleBatchNormFunction, input_error
 
 # Collective names must match across ranks: layers are numbered in construction order, which is
@@ -38,6 +39,9 @@ class ShuffleBatchNorm(_BatchNorm):
             sequence ``p``, or a callable ``(step, size) -> p``.
         process_set: the Horovod process set whose ranks exchange statistics.
         seed: seeds the ``"derangement"`` and ``"random"`` permutations (same on every rank).
+        transport: ``"mpi"`` (mpi4py beside Horovod's MPI: microseconds per exchange),
+            ``"horovod"`` (Horovod's collectives; any controller, Gloo included) or ``"auto"``
+            (MPI when Horovod runs on it, else Horovod). Must be the same on every rank.
         name: a readable suffix for the names of this layer's collectives.
 
     Shape: input ``(N, C, *)``, output the same.
@@ -46,13 +50,16 @@ class ShuffleBatchNorm(_BatchNorm):
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, *,
                  permutation: perms.PermutationSpec = "derangement",
-                 process_set=hvd.global_process_set, seed: int = 0, name: Optional[str] = None,
-                 device=None, dtype=None):
+                 process_set=hvd.global_process_set, seed: int = 0, transport: str = "auto",
+                 name: Optional[str] = None, device=None, dtype=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          device=device, dtype=dtype)
         self.permutation = perms.check_spec(permutation)
         self.process_set = process_set
         self.seed = int(seed)
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+        self.transport = transport
         layer_id = next(_layer_ids)
         self.name = f"shufflebn.{layer_id}" + (f".{name}" if name else "")
         self.step = 0  # training steps taken; with ``seed``, it decides the permutation
@@ -67,7 +74,8 @@ class ShuffleBatchNorm(_BatchNorm):
             raise ValueError(f"ShuffleBatchNorm {self.name!r}: {error}")
 
     def extra_repr(self):
-        return f"{super().extra_repr()}, permutation={self.permutation!r}, name={self.name!r}"
+        return (f"{super().extra_repr()}, permutation={self.permutation!r}, "
+                f"transport={self.transport!r}, name={self.name!r}")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self.training and self.running_mean is not None:
@@ -76,7 +84,7 @@ class ShuffleBatchNorm(_BatchNorm):
             self._input_dim = input.dim()
             return F.batch_norm(input, self.running_mean, self.running_var, self.weight,
                                 self.bias, False, 0.0, self.eps)
-        transport = self._transport()
+        transport = self._get_transport()
         if transport.size == 1:
             return self._single_rank_forward(input)
 
@@ -111,7 +119,7 @@ class ShuffleBatchNorm(_BatchNorm):
         self._input_dim = input.dim()
         return output
 
-    def _transport(self) -> HorovodTransport:
+    def _get_transport(self):
         if not hvd.is_initialized():
             raise ShuffleBatchNormError(
                 f"ShuffleBatchNorm {self.name!r}: Horovod is not initialised; call hvd.init() "
@@ -123,7 +131,7 @@ class ShuffleBatchNorm(_BatchNorm):
         if self.process_set.rank() is None or self.process_set.rank() < 0:
             raise ShuffleBatchNormError(
                 f"ShuffleBatchNorm {self.name!r}: rank {hvd.rank()} is not in {self.process_set}")
-        return HorovodTransport(self.process_set)
+        return make_transport(self.transport, self.process_set)
 
     def _single_rank_forward(self, input):
         if self.process_set.process_set_id not in _warned_single_rank:

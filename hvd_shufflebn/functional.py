@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import permutation as perms
-from .exchange import COUNT, HEADER, HorovodTransport, raise_if_any_rank_failed
+from .exchange import COUNT, HEADER, raise_if_any_rank_failed
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -52,7 +52,7 @@ class ShuffleBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, num_features: int,
                 exponential_average_factor: float, eps: float, perm: Sequence[int],
-                local_error: Optional[str], needs_grad: bool, transport: HorovodTransport,
+                local_error: Optional[str], needs_grad: bool, transport,
                 name: str):
         rank = transport.rank
         acc = accumulation_dtype(input.dtype) if input.is_floating_point() else torch.float32
@@ -72,9 +72,12 @@ class ShuffleBatchNormFunction(torch.autograd.Function):
                               dtype=torch.float64, device=input.device)
         totals = torch.cat([header, count64 * mean64, count64 * (var64 + mean64 * mean64)])
 
-        received, totals = transport.send_and_sum(name, packet, perms.inverse(perm)[rank], totals)
-        raise_if_any_rank_failed(transport, name, totals[:HEADER].cpu(), local_error, tuple(perm),
-                                 needs_grad)
+        def check(summed):
+            raise_if_any_rank_failed(transport, name, summed[:HEADER].cpu(), local_error,
+                                     tuple(perm), needs_grad)
+        # My packet goes to the rank that borrows from me; I receive from the one I borrow from.
+        received, totals = transport.exchange(name, packet, perms.inverse(perm)[rank], perm[rank],
+                                              totals, check)
 
         borrowed = received[0]
         borrowed_mean = borrowed[:num_features].to(acc)
@@ -115,8 +118,9 @@ class ShuffleBatchNormFunction(torch.autograd.Function):
             grad_var = -0.5 * w_invstd * borrowed_invstd * borrowed_invstd * sum_dy_xmu
             # Rank r borrowed from p[r]: that is where the gradient of its statistics belongs.
             packet = torch.cat([grad_mean, grad_var]).double().unsqueeze(0)
-            received, _ = ctx.transport.send_and_sum(ctx.name + ".grad", packet,
-                                                     ctx.perm[ctx.transport.rank])
+            rank = ctx.transport.rank
+            received, _ = ctx.transport.exchange(ctx.name + ".grad", packet, ctx.perm[rank],
+                                                 perms.inverse(ctx.perm)[rank])
             grad_own_mean, grad_own_var = received[0].to(acc).chunk(2)
             # dx = w s_u dy + g_m / M + g_v * 2 (x - m) / M, as dy * a + x * b + c per channel
             b = 2.0 * grad_own_var / ctx.count

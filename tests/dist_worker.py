@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import horovod.torch as hvd
 from hvd_shufflebn import (ShuffleBatchNorm, ShuffleBatchNormError, convert_shuffle_batchnorm,
                            revert_shuffle_batchnorm)
+from hvd_shufflebn.exchange import HorovodTransport, MPITransport, make_transport
 
 MPI = None
 if "OMPI_COMM_WORLD_SIZE" in os.environ:  # launched by mpirun: mpi4py gathers the test data
@@ -64,6 +65,12 @@ class Gatherer:
 
 gather = None
 RANK = SIZE = None
+# The transport under test: "auto" (MPI under mpirun, Horovod under Gloo), "horovod" or "mpi".
+TRANSPORT = os.environ.get("SHUFFLEBN_TEST_TRANSPORT", "auto")
+
+
+def ShuffleBN(*args, **kwargs):
+    return ShuffleBatchNorm(*args, transport=TRANSPORT, **kwargs)
 
 
 def reference(xs, dys, weights, biases, perm, eps):
@@ -172,7 +179,7 @@ def is_derangement(p):
 def case_shapes_and_uneven_batches():
     for dims, spatial in ((2, ()), (3, (7,)), (4, (3, 4)), (5, (2, 3, 2))):
         n = 2 + RANK % 3  # uneven batch sizes across ranks
-        layer = ShuffleBatchNorm(5, momentum=0.3)
+        layer = ShuffleBN(5, momentum=0.3)
         with torch.no_grad():
             layer.weight.uniform_(0.5, 1.5)
             layer.bias.uniform_(-0.5, 0.5)
@@ -186,7 +193,7 @@ def case_permutation_modes():
     rotate = lambda step, size: [(r + step + 1) % size for r in range(size)]
     for spec, expected in (("shift", shift), (reverse, lambda s, n: reverse), (rotate, rotate),
                            ("random", None), ("derangement", None)):
-        layer = ShuffleBatchNorm(4, momentum=None, permutation=spec, seed=7)
+        layer = ShuffleBN(4, momentum=None, permutation=spec, seed=7)
         perms = run_and_check(layer, (3, 4, 5), torch.float32, steps=3, expected_perm=expected)
         if spec == "derangement":
             assert all(is_derangement(p) for p in perms), perms
@@ -198,17 +205,17 @@ def case_permutation_modes():
 
 def case_dtypes_and_memory_formats():
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        layer = ShuffleBatchNorm(6)
+        layer = ShuffleBN(6)
         run_and_check(layer, (4, 6, 3, 3), dtype, steps=1)
     for shape in ((3, 6, 4, 5), (2, 6, 3, 4, 2)):
-        layer = ShuffleBatchNorm(6)
+        layer = ShuffleBN(6)
         run_and_check(layer, shape, torch.float32, steps=1, channels_last=True)
     # A float64 layer: parameters and buffers in float64, statistics too.
-    run_and_check(ShuffleBatchNorm(3, dtype=torch.float64), (3, 3, 4), torch.float64, steps=1)
+    run_and_check(ShuffleBN(3, dtype=torch.float64), (3, 3, 4), torch.float64, steps=1)
 
 
 def case_affine_and_tracking_off():
-    layer = ShuffleBatchNorm(4, affine=False, track_running_stats=False)
+    layer = ShuffleBN(4, affine=False, track_running_stats=False)
     run_and_check(layer, (3, 4, 6), torch.float64, steps=1)
     # Without running statistics, eval mode also shuffles batch statistics.
     layer.eval()
@@ -216,7 +223,7 @@ def case_affine_and_tracking_off():
 
 
 def case_eval_is_local():
-    layer = ShuffleBatchNorm(4)
+    layer = ShuffleBN(4)
     run_and_check(layer, (5, 4, 3), torch.float32, steps=1)
     layer.eval()
     x = make_input((2, 4, 3), torch.float32, seed=RANK, requires_grad=False)
@@ -229,7 +236,7 @@ def case_eval_is_local():
 
 def case_no_input_grad():
     """Key-encoder style (no_grad), and an input that needs no gradient but parameters do."""
-    layer = ShuffleBatchNorm(3)
+    layer = ShuffleBN(3)
     x = make_input((4, 3, 5), torch.float32, seed=RANK, requires_grad=False)
     with torch.no_grad():
         y = layer(x)
@@ -251,7 +258,7 @@ def case_process_sets():
         return
     halves = [list(range(0, SIZE, 2)), list(range(1, SIZE, 2))]
     mine = halves[RANK % 2]
-    layer = ShuffleBatchNorm(3, process_set=PROCESS_SETS[RANK % 2])
+    layer = ShuffleBN(3, process_set=PROCESS_SETS[RANK % 2])
     perms = run_and_check(layer, (3, 3, 4), torch.float64, steps=2, ranks=mine)
     assert all(len(p) == len(mine) for p in perms)
 
@@ -259,7 +266,7 @@ def case_process_sets():
 def case_convert_roundtrip_distributed():
     model = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.BatchNorm2d(4),
                                 torch.nn.ReLU(), torch.nn.Conv2d(4, 3, 1), torch.nn.BatchNorm2d(3))
-    model = convert_shuffle_batchnorm(model, permutation="shift")
+    model = convert_shuffle_batchnorm(model, permutation="shift", transport=TRANSPORT)
     x = make_input((3, 2, 6, 6), torch.float32, seed=RANK)
     model(x).sum().backward()
     assert all(m.last_permutation == tuple((r + 1) % SIZE for r in range(SIZE))
@@ -287,7 +294,7 @@ def expect_error(fn, *fragments):
 
 def case_bad_inputs():
     bad = 2 if SIZE > 2 else SIZE - 1  # the one rank that misbehaves
-    layer = ShuffleBatchNorm(4)
+    layer = ShuffleBN(4)
     good = lambda: make_input((3, 4, 5), torch.float32, seed=RANK)
     run_and_check(layer, (3, 4, 5), torch.float32, steps=1)
     state = {k: v.clone() for k, v in layer.state_dict().items()}
@@ -329,14 +336,14 @@ def case_bad_inputs():
     run_and_check(layer, (3, 4, 5), torch.float32, steps=1)
 
     # A layer built with a different num_features on one rank.
-    other = ShuffleBatchNorm(5 if RANK == bad else 4)
+    other = ShuffleBN(5 if RANK == bad else 4)
     x = make_input((3, other.num_features, 2), torch.float32, seed=RANK)
     expect_error(lambda: other(x), "disagree on num_features", f"rank {bad} has 5")
 
 
 def case_nan_propagates():
     """Documented behaviour: NaN/Inf statistics propagate (like torch.nn.BatchNorm), no error."""
-    layer = ShuffleBatchNorm(2, permutation="shift")
+    layer = ShuffleBN(2, permutation="shift")
     x = make_input((3, 2, 4), torch.float32, seed=RANK, requires_grad=False)
     if RANK == 0:
         x[0, 0, 0] = float("nan")
@@ -345,6 +352,29 @@ def case_nan_propagates():
     assert torch.isnan(y[:, 0]).all() == (RANK == borrower), f"rank {RANK}: {y}"
     assert not torch.isnan(y[:, 1]).any()
     assert torch.isnan(layer.running_mean[0]) and not torch.isnan(layer.running_mean[1])
+
+
+def case_statistics_cross_hosts():
+    """With "shift", report which borrowed statistics came from another host (a multi-host run
+    asserts that some did); the values are checked against the reference as everywhere else."""
+    import socket
+    layer = ShuffleBN(3, permutation="shift")
+    run_and_check(layer, (4, 3, 2), torch.float64, steps=1)
+    hosts = gather(socket.gethostname())
+    crossing = [f"rank {r} on {hosts[r]} borrowed from rank {p} on {hosts[p]}"
+                for r, p in enumerate(layer.last_permutation) if hosts[r] != hosts[p]]
+    if RANK == 0:
+        print("statistics crossed hosts: " + ("; ".join(crossing) if crossing else "none"))
+
+
+def case_transport_choice():
+    on_mpi = hvd.mpi_enabled()
+    expected = {"auto": MPITransport if on_mpi else HorovodTransport, "horovod": HorovodTransport,
+                "mpi": MPITransport}[TRANSPORT]
+    assert isinstance(make_transport(TRANSPORT, hvd.global_process_set), expected)
+    if not on_mpi:  # asking for MPI under Gloo is the same clear error on every rank
+        expect_error(lambda: ShuffleBatchNorm(3, transport="mpi")(torch.randn(4, 3)),
+                     "transport='mpi' needs Horovod running on MPI")
 
 
 CASES = {name[len("case_"):]: fn for name, fn in sorted(globals().items())

@@ -58,26 +58,25 @@ def _our_namespaces():
     return [line.split()[0] for line in out.splitlines() if line.startswith(PREFIX)]
 
 
+def _running(pid):
+    """False once pid is gone or a zombie (dead; its parent reaps it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def _kill_pids(pids):
+    """SIGTERM, then SIGKILL whatever is still running 3 s later."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        alive = []
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-                alive.append(pid)
         deadline = time.time() + 3
-        while alive and time.time() < deadline:
-            alive = [p for p in alive if os.path.exists(f"/proc/{p}")
-                     and _state(p) != "Z"]       # a zombie is dead; its parent reaps it
+        while time.time() < deadline and any(map(_running, pids)):
             time.sleep(0.05)
-        pids = alive
-
-
-def _state(pid):
-    with contextlib.suppress(OSError):
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    return "Z"
+        pids = [p for p in pids if _running(p)]
 
 
 def cleanup():
@@ -106,7 +105,10 @@ class Hosts:
         self._procs = []
         self._made_run_sshd = False
         # Launchers find `ssh` on PATH: ours comes first (horovodrun and mpirun both call "ssh").
-        self.env = dict(os.environ, PATH=f"{tmp}/bin:{os.environ.get('PATH', '/usr/bin:/bin')}")
+        # Temp files (Open MPI session dirs too, also its remote daemons') go to our temp dir, so
+        # even a killed job leaves nothing behind.
+        self.env = dict(os.environ, PATH=f"{tmp}/bin:{os.environ.get('PATH', '/usr/bin:/bin')}",
+                        TMPDIR=tmp, OMPI_MCA_orte_tmpdir_base=tmp)
 
     def namespace(self, host):
         return PREFIX + host
@@ -216,12 +218,10 @@ def virtual_hosts(n=2):
         _start_sshd(hosts)
         yield hosts
     finally:
-        for proc in hosts._procs:
-            proc.terminate()
-        for proc in hosts._procs:
+        cleanup()                         # ends sshd and whatever still runs on the hosts
+        for proc in hosts._procs:         # reap our sshd children
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
-        cleanup()
-        if hosts._made_run_sshd:
+        if hosts._made_run_sshd:         # leave a system sshd's directory alone
             with contextlib.suppress(OSError):
                 os.rmdir("/run/sshd")

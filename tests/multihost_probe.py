@@ -4,9 +4,12 @@
 
 Asserts size == HOSTS*SLOTS, cross_size == HOSTS, local_size == SLOTS, and that the ranks'
 hostnames (gathered with hvd.allgather, so data from every host must arrive) form HOSTS distinct
-hosts of SLOTS ranks each. Prints one line per rank. Then, if given, runs WORKER as __main__ in
-this same process and world (its hvd.init() is a no-op), so a case is known to span hosts;
-the exit status is the worker's.
+hosts of SLOTS ranks each. Prints one line per rank.
+
+With a WORKER, it first runs that script as __main__ in this process (sys.argv = [WORKER, ARGS]),
+so the worker calls hvd.init() its own way (e.g. with process sets, which only init can take);
+the checks then run on that same world (the probe's hvd.init() is a no-op), proving the worker's
+ranks spanned the hosts. A failing worker (exception or non-zero exit) fails the run.
 """
 import os
 import runpy
@@ -19,8 +22,21 @@ import horovod.torch as hvd
 NAME_BYTES = 64
 
 
+def run_worker(argv):
+    saved = sys.argv, sys.path[0]
+    sys.argv, sys.path[0] = argv, os.path.dirname(os.path.abspath(argv[0]))
+    try:
+        runpy.run_path(argv[0], run_name="__main__")
+    except SystemExit as stop:
+        if stop.code not in (None, 0):
+            raise
+    sys.argv, sys.path[0] = saved
+
+
 def main():
     n_hosts, slots = int(sys.argv[1]), int(sys.argv[2])
+    if len(sys.argv) > 3:
+        run_worker(sys.argv[3:])
     hvd.init()
     me = socket.gethostname()
     # Gloo launches tell each rank its host; MPI ones don't (then only the hostname counts).
@@ -45,11 +61,6 @@ def main():
     print(f"probe ok: rank {hvd.rank()}/{hvd.size()} local {hvd.local_rank()}/{hvd.local_size()} "
           f"cross {hvd.cross_rank()}/{hvd.cross_size()} host {me} "
           f"hosts {sorted(ranks_on)}", flush=True)
-
-    if len(sys.argv) > 3:
-        sys.argv = sys.argv[3:]
-        sys.path[0] = os.path.dirname(os.path.abspath(sys.argv[0]))
-        runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 if __name__ == "__main__":
