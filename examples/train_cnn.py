@@ -63,9 +63,9 @@ def fmt(values):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32, help="per rank")
-    parser.add_argument("--samples", type=int, default=4096, help="in the whole training set")
+    parser.add_argument("--samples", type=int, default=2048, help="in the whole training set")
     parser.add_argument("--lr", type=float, default=0.05)
     args = parser.parse_args()
 

@@ -158,34 +158,38 @@ ERRORS, FINGERPRINT, FINGERPRINT_SQ, NEEDS_GRAD, COUNT = range(5)
 HEADER = 5
 
 
-def raise_if_any_rank_failed(transport: HorovodTransport, name: str, header: torch.Tensor,
+def raise_if_any_rank_failed(transport, name: str, header: torch.Tensor,
                              local_error: Optional[str], perm, needs_grad: bool) -> None:
     """Raise the same ShuffleBatchNormError on every rank if any rank reported a problem.
 
     ``header`` is the summed header: the number of ranks with a local error, the sum and sum of
-    squares of the permutation fingerprints (all equal iff size * sum(f^2) == sum(f)^2, exact in
-    float64 for f < 2**20), and the number of ranks whose input needs a gradient (a backward
-    exchange on only some ranks would hang).
+    squares of the fingerprints of (layer name, permutation) (all equal iff
+    size * sum(f^2) == sum(f)^2, exact in float64 for f < 2**20), and the number of ranks whose
+    input needs a gradient (a backward exchange on only some ranks would hang).
     """
     errors, fp, fp_sq, grads = (float(header[i]) for i in (ERRORS, FINGERPRINT, FINGERPRINT_SQ,
                                                             NEEDS_GRAD))
     size = transport.size
     if errors == 0 and size * fp_sq == fp * fp and grads in (0, size):
         return
-    reports = transport.gather_objects(name + ".error", (local_error, perm, needs_grad))
-    problems = [f"rank {r}: {err}" for r, (err, _, _) in enumerate(reports) if err]
-    if not problems and len({p for _, p, _ in reports}) > 1:
+    reports = transport.gather_objects(name + ".error", (name, local_error, perm, needs_grad))
+    names = [n for n, _, _, _ in reports]
+    if len(set(names)) > 1:  # possible with the MPI transport, which matches calls by order only
+        raise ShuffleBatchNormError("ShuffleBatchNorm: ranks are in different layers: " + ", ".join(
+            f"rank {r} in {n!r}" for r, n in enumerate(names)))
+    problems = [f"rank {r}: {err}" for r, (_, err, _, _) in enumerate(reports) if err]
+    if not problems and len({p for _, _, p, _ in reports}) > 1:
         problems.append("ranks disagree on the permutation: " + ", ".join(
-            f"rank {r} uses {p}" for r, (_, p, _) in enumerate(reports)))
+            f"rank {r} uses {p}" for r, (_, _, p, _) in enumerate(reports)))
     if not problems:
         problems.append("the input requires grad on ranks "
-                        f"{[r for r, (_, _, g) in enumerate(reports) if g]} only; a backward "
+                        f"{[r for r, (_, _, _, g) in enumerate(reports) if g]} only; a backward "
                         "pass on some ranks but not others would hang")
     raise ShuffleBatchNormError(f"ShuffleBatchNorm {name!r} (process set of {size} ranks): "
                                 + "; ".join(problems))
 
 
-def raise_unless_all_ranks_agree(transport: HorovodTransport, name: str, what: str,
+def raise_unless_all_ranks_agree(transport, name: str, what: str,
                                  value: int) -> None:
     """Raise the same ShuffleBatchNormError on every rank unless all ranks hold the same ``value``."""
     totals = transport.sum(name, torch.tensor([value, value * value], dtype=torch.float64))

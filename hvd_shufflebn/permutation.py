@@ -72,6 +72,7 @@ def inverse(perm: Sequence[int]) -> Tuple[int, ...]:
     return tuple(inv)
 
 
-def fingerprint(perm: Sequence[int]) -> int:
-    """A small integer (< 2**20) identifying ``perm``; exact in float64 even when squared and summed."""
-    return zlib.crc32(",".join(map(str, perm)).encode()) % (1 << 20)
+def fingerprint(name: str, perm: Sequence[int]) -> int:
+    """A small integer (< 2**20) identifying a layer and its permutation; exact in float64 even
+    when squared and summed over ranks."""
+    return zlib.crc32(f"{name}:{','.join(map(str, perm))}".encode()) % (1 << 20)

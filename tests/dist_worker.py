@@ -341,6 +341,19 @@ def case_bad_inputs():
     expect_error(lambda: other(x), "disagree on num_features", f"rank {bad} has 5")
 
 
+def case_layers_called_in_different_orders():
+    """The MPI transport matches calls by order: ranks in different layers must all raise.
+    (Horovod's collectives would wait for each other forever instead: a hang, not testable.)"""
+    first, second = ShuffleBN(3), ShuffleBN(3)
+    x = make_input((2, 3, 2), torch.float32, seed=RANK)
+    run_and_check(first, (2, 3, 2), torch.float32, steps=1)
+    run_and_check(second, (2, 3, 2), torch.float32, steps=1)  # both past their first step
+    if not isinstance(make_transport(TRANSPORT, hvd.global_process_set), MPITransport):
+        return
+    expect_error(lambda: (first if RANK == 0 else second)(x), "ranks are in different layers",
+                 f"rank 0 in {first.name!r}", f"rank 1 in {second.name!r}")
+
+
 def case_nan_propagates():
     """Documented behaviour: NaN/Inf statistics propagate (like torch.nn.BatchNorm), no error."""
     layer = ShuffleBN(2, permutation="shift")
