@@ -1,6 +1,6 @@
 """The shuffled batch norm as an autograd Function: forward, exact backward, running statistics.
 
-Notation (docs/design.md has the derivation): rank r normalises with the statistics of rank
+Notation (README.md, "What it computes"): rank r normalises with the statistics of rank
 u = p[r]. m, v: per-channel mean and biased variance; s = 1/sqrt(v + eps); M: values per channel.
 
     forward   y_r  = w * (x_r - m_u) * s_u + b
@@ -57,7 +57,8 @@ class ShuffleBatchNormFunction(torch.autograd.Function):
         rank = transport.rank
         acc = accumulation_dtype(input.dtype) if input.is_floating_point() else torch.float32
         if local_error is None:
-            var, mean = torch.var_mean(input.to(acc), dim=_reduce_dims(input), correction=0)
+            source = input.to(acc)  # the input itself unless it is float16/bfloat16
+            var, mean = torch.var_mean(source, dim=_reduce_dims(input), correction=0)
             count = input.numel() // num_features
         else:  # still take part, so that the others learn about the error instead of hanging
             mean = var = torch.zeros(num_features, dtype=acc, device=input.device)
@@ -89,7 +90,6 @@ class ShuffleBatchNormFunction(torch.autograd.Function):
         shape = _channel_shape(input)
         scale = borrowed_invstd if weight is None else borrowed_invstd * weight.to(acc)
         shift = -borrowed_mean * scale if bias is None else bias.to(acc) - borrowed_mean * scale
-        source = input if acc == input.dtype else input.to(acc)
         output = (source * scale.view(shape) + shift.view(shape)).to(input.dtype)
 
         ctx.save_for_backward(input, weight, borrowed_mean, borrowed_invstd, mean)
