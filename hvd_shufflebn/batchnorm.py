@@ -13,7 +13,7 @@ from torch.nn.parameter import is_lazy
 from . import permutation as perms
 from .exchange import (TRANSPORTS, ShuffleBatchNormError, make_transport,
                        raise_unless_all_ranks_agree)
-from .functional import ShuffleBatchNormFunction, input_error
+from .functional import ShuffleBatchNormFunction, input_error, shape_error
 
 # Collective names must match across ranks: layers are numbered in construction order, which is
 # the same on every rank running the same program.
@@ -68,9 +68,9 @@ class ShuffleBatchNorm(_BatchNorm):
         self._input_dim = None
         self._num_features_agreed = False
 
-    def _check_input_dim(self, input):
-        error = input_error(input, self.num_features)
-        if error is not None and "more than 1 value" not in error:
+    def _check_input_dim(self, input):  # for the local paths (eval, a single rank)
+        error = shape_error(input, self.num_features)
+        if error is not None:
             raise ValueError(f"ShuffleBatchNorm {self.name!r}: {error}")
 
     def extra_repr(self):

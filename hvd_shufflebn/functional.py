@@ -23,8 +23,8 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def input_error(input: torch.Tensor, num_features: int) -> Optional[str]:
-    """Why this rank cannot take part in a training step with ``input``, or None."""
+def shape_error(input: torch.Tensor, num_features: int) -> Optional[str]:
+    """Why ``input`` cannot be batch-normalised over ``num_features`` channels at all, or None."""
     if input.dim() < 2:
         return f"expected input of shape (N, C, *) with at least 2 dims, got shape {tuple(input.shape)}"
     if input.size(1) != num_features:
@@ -32,6 +32,14 @@ def input_error(input: torch.Tensor, num_features: int) -> Optional[str]:
                 f"{tuple(input.shape)}")
     if not input.is_floating_point():
         return f"expected a floating point input, got {input.dtype}"
+    return None
+
+
+def input_error(input: torch.Tensor, num_features: int) -> Optional[str]:
+    """Why this rank cannot take part in a training step with ``input``, or None."""
+    error = shape_error(input, num_features)
+    if error is not None:
+        return error
     if input.numel() // num_features < 2:
         return ("expected more than 1 value per channel when training, got input of shape "
                 f"{tuple(input.shape)}")
