@@ -50,12 +50,15 @@ def _channel_shape(input: torch.Tensor):
     return (1, -1) + (1,) * (input.dim() - 2)
 
 
-def _reduce_dims(input: torch.Tensor):
-    return [0] + list(range(2, input.dim()))
-
-
 class ShuffleBatchNormFunction(torch.autograd.Function):
-    """Inputs after ``bias`` are not differentiable: running buffers (updated in place), settings."""
+    """Inputs after ``bias`` are not differentiable: running buffers (updated in place), settings.
+
+    The local work runs on ATen's own batch-norm kernels (CPU and CUDA alike), used in "eval"
+    form with the borrowed statistics standing in for running statistics: that is exactly
+    y = w (x - m_u) s_u + b, and its backward gives the direct term w s_u dy together with
+    A = sum(dy) and B s_u = sum(dy (x - m_u)) s_u. Only the correction through the statistics
+    is ours.
+    """
 
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, num_features: int,
@@ -65,8 +68,10 @@ class ShuffleBatchNormFunction(torch.autograd.Function):
         rank = transport.rank
         acc = accumulation_dtype(input.dtype) if input.is_floating_point() else torch.float32
         if local_error is None:
-            source = input.to(acc)  # the input itself unless it is float16/bfloat16
-            var, mean = torch.var_mean(source, dim=_reduce_dims(input), correction=0)
+            # Scratch "running" buffers in the accumulation dtype make the kernel return float32
+            # statistics for a float16/bfloat16 input; momentum 0 leaves them untouched.
+            scratch = torch.zeros(2, num_features, dtype=acc, device=input.device)
+            mean, var = torch.batch_norm_update_stats(input, scratch[0], scratch[1], 0.0)
             count = input.numel() // num_features
         else:  # still take part, so that the others learn about the error instead of hanging
             mean = var = torch.zeros(num_features, dtype=acc, device=input.device)
@@ -88,54 +93,61 @@ class ShuffleBatchNormFunction(torch.autograd.Function):
         received, totals = transport.exchange(name, packet, perms.inverse(perm)[rank], perm[rank],
                                               totals, check)
 
-        borrowed = received[0]
-        borrowed_mean = borrowed[:num_features].to(acc)
-        borrowed_invstd = torch.rsqrt(borrowed[num_features:2 * num_features] + eps).to(acc)
+        borrowed_mean, borrowed_var = received[0, :2 * num_features].to(acc).chunk(2)
         if running_mean is not None:
             _update_running_stats(running_mean, running_var, totals, num_features,
                                   exponential_average_factor)
+        weight_acc = None if weight is None else weight.to(acc)
+        bias_acc = None if bias is None else bias.to(acc)
+        output = torch.native_batch_norm(input, weight_acc, bias_acc, borrowed_mean, borrowed_var,
+                                         False, 0.0, eps)[0]
 
-        shape = _channel_shape(input)
-        scale = borrowed_invstd if weight is None else borrowed_invstd * weight.to(acc)
-        shift = -borrowed_mean * scale if bias is None else bias.to(acc) - borrowed_mean * scale
-        output = (source * scale.view(shape) + shift.view(shape)).to(input.dtype)
-
-        ctx.save_for_backward(input, weight, borrowed_mean, borrowed_invstd, mean)
+        ctx.save_for_backward(input, weight_acc, borrowed_mean, borrowed_var, mean)
         ctx.count, ctx.perm, ctx.transport, ctx.name = count, tuple(perm), transport, name
+        ctx.eps = eps
         ctx.param_dtype = None if weight is None else weight.dtype
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        input, weight, borrowed_mean, borrowed_invstd, own_mean = ctx.saved_tensors
-        acc = borrowed_mean.dtype
-        shape, dims = _channel_shape(input), _reduce_dims(input)
-        dy = grad_output.to(acc)
-        x = input.to(acc)
-        sum_dy = dy.sum(dims)
-        sum_dy_xmu = (dy * (x - borrowed_mean.view(shape))).sum(dims)
+        input, weight, borrowed_mean, borrowed_var, own_mean = ctx.saved_tensors
+        needs_input_grad = ctx.needs_input_grad[0]
+        # The direct term w s_u dy, sum(dy (x - m_u)) s_u and sum(dy), in one kernel.
+        direct, sum_dy_xmu_invstd, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            grad_output.contiguous(memory_format=_memory_format(input)), input, weight,
+            borrowed_mean, borrowed_var, None, None, False, ctx.eps,
+            [needs_input_grad, True, True])
 
         grad_weight = grad_bias = grad_input = None
         if ctx.needs_input_grad[1]:
-            grad_weight = (sum_dy_xmu * borrowed_invstd).to(ctx.param_dtype)
+            grad_weight = sum_dy_xmu_invstd.to(ctx.param_dtype)
         if ctx.needs_input_grad[2]:
             grad_bias = sum_dy.to(ctx.param_dtype)
-        if ctx.needs_input_grad[0]:
-            w_invstd = borrowed_invstd if weight is None else borrowed_invstd * weight.to(acc)
+        if needs_input_grad:
+            invstd = torch.rsqrt(borrowed_var + ctx.eps)
+            w_invstd = invstd if weight is None else invstd * weight
             grad_mean = -w_invstd * sum_dy
-            grad_var = -0.5 * w_invstd * borrowed_invstd * borrowed_invstd * sum_dy_xmu
+            grad_var = -0.5 * w_invstd * invstd * sum_dy_xmu_invstd
             # Rank r borrowed from p[r]: that is where the gradient of its statistics belongs.
             packet = torch.cat([grad_mean, grad_var]).double().unsqueeze(0)
             rank = ctx.transport.rank
             received, _ = ctx.transport.exchange(ctx.name + ".grad", packet, ctx.perm[rank],
                                                  perms.inverse(ctx.perm)[rank])
-            grad_own_mean, grad_own_var = received[0].to(acc).chunk(2)
-            # dx = w s_u dy + g_m / M + g_v * 2 (x - m) / M, as dy * a + x * b + c per channel
+            grad_own_mean, grad_own_var = received[0].to(own_mean.dtype).chunk(2)
+            # dx = w s_u dy + g_m / M + g_v * 2 (x - m) / M, as direct + x * b + c per channel
             b = 2.0 * grad_own_var / ctx.count
             c = grad_own_mean / ctx.count - own_mean * b
-            grad_input = (dy * w_invstd.view(shape) + x * b.view(shape) + c.view(shape))
-            grad_input = grad_input.to(input.dtype)
+            shape = _channel_shape(input)
+            grad_input = direct.addcmul_(input, b.view(shape)).add_(c.view(shape))
         return (grad_input, grad_weight, grad_bias) + (None,) * 10
+
+
+def _memory_format(input: torch.Tensor) -> torch.memory_format:
+    if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 def _update_running_stats(running_mean, running_var, totals, num_features, factor):
