@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 HOROVODRUN := $(VENV)/bin/horovodrun
 
-.PHONY: setup test demo
+.PHONY: setup test demo bench bench-smoke
 
 setup:
 	bash scripts/setup.sh
@@ -17,3 +17,11 @@ test: setup
 # (Open MPI only does so by itself when it knows it is oversubscribed; horovodrun hides that).
 demo: setup
 	OMPI_MCA_mpi_yield_when_idle=1 $(HOROVODRUN) -np 8 $(PYTHON) examples/train_cnn.py
+
+# benchmarks/RESULTS.md and results.png from every run (about 15 minutes on 2 cores).
+bench: setup
+	$(PYTHON) benchmarks/run_all.py
+
+# Seconds: every benchmark variant once, on tiny sizes, into a temporary directory.
+bench-smoke: setup
+	$(PYTHON) benchmarks/run_all.py --smoke

@@ -11,6 +11,7 @@ Self-check (gradient against single-process float64 autograd on the concatenated
 
     .venv/bin/horovodrun -np 2 .venv/bin/python examples/sync_batchnorm.py
 """
+import itertools
 import os
 import sys
 
@@ -19,6 +20,9 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import horovod.torch as hvd
+
+
+_layer_ids = itertools.count()
 
 
 def _reduce_dims(x):
@@ -32,7 +36,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
+    def forward(ctx, x, weight, bias, eps, name):
         dims = _reduce_dims(x)
         count = x.numel() // x.shape[1]
         # Sums accumulate in float64: sum(x^2)/n - mean^2 cancels badly in float32.
@@ -41,7 +45,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             x.sum(dims, dtype=torch.float64),
             (x * x).sum(dims, dtype=torch.float64),
         ])
-        total = hvd.allreduce(local, op=hvd.Sum)  # sums, not averages
+        total = hvd.allreduce(local, op=hvd.Sum, name=name)  # sums, not averages
         n = total[0].item()
         if n <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got {int(n)}")
@@ -55,7 +59,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         y = xhat if weight is None else xhat * weight.view(shape) + bias.view(shape)
 
         ctx.save_for_backward(xhat, weight, invstd)
-        ctx.count = n
+        ctx.count, ctx.name = n, name
         var_unbiased = (var64 * (n / (n - 1))).to(x.dtype)
         ctx.mark_non_differentiable(mean, var_unbiased)
         return y, mean, var_unbiased
@@ -68,18 +72,23 @@ class SyncBatchNormFunction(torch.autograd.Function):
         sum_dy = dy.sum(dims, dtype=torch.float64)
         sum_dy_xhat = (dy * xhat).sum(dims, dtype=torch.float64)
         # Every rank must join this allreduce, whatever it needs, or the ranks deadlock.
-        total = hvd.allreduce(torch.cat([sum_dy, sum_dy_xhat]), op=hvd.Sum)
+        total = hvd.allreduce(torch.cat([sum_dy, sum_dy_xhat]), op=hvd.Sum, name=ctx.name + ".grad")
         mean_dy, mean_dy_xhat = (t.to(dy.dtype) for t in torch.chunk(total / ctx.count, 2))
 
         scale = invstd if weight is None else invstd * weight
         dx = scale.view(shape) * (dy - mean_dy.view(shape) - xhat * mean_dy_xhat.view(shape))
         if weight is None:
-            return dx, None, None, None
-        return dx, sum_dy_xhat.to(dy.dtype), sum_dy.to(dy.dtype), None
+            return dx, None, None, None, None
+        return dx, sum_dy_xhat.to(dy.dtype), sum_dy.to(dy.dtype), None, None
 
 
 class SyncBatchNorm(_BatchNorm):
     """Drop-in for BatchNorm1d/2d/3d whose training statistics span all Horovod ranks."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # A fixed name per layer, the same on every rank, lets Horovod's response cache hit.
+        self.name = f"syncbn.{next(_layer_ids)}"
 
     def _check_input_dim(self, input):
         if input.dim() < 2:
@@ -97,7 +106,7 @@ class SyncBatchNorm(_BatchNorm):
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                 False, 0.0, self.eps)
 
-        y, mean, var = SyncBatchNormFunction.apply(x, self.weight, self.bias, self.eps)
+        y, mean, var = SyncBatchNormFunction.apply(x, self.weight, self.bias, self.eps, self.name)
         if self.training and self.track_running_stats:
             with torch.no_grad():
                 self.running_mean.lerp_(mean, factor)

@@ -1,9 +1,11 @@
 """The examples run end to end (small settings); their own checks decide pass or fail."""
 import re
+import subprocess
+import sys
 
 import pytest
 
-from launch import ROOT, run
+from launch import ROOT, TIMEOUT, launch_env, run
 
 
 @pytest.mark.mpi
@@ -21,3 +23,19 @@ def test_demo_trains_and_shows_the_shuffle():
 def test_moco_quick_loss_falls(bn):
     done = run("horovodrun-mpi", 2, ROOT / "examples" / "moco_digits.py", "--quick", "--bn", bn)
     assert done.returncode == 0  # --quick exits non-zero if the loss did not fall or diverged
+
+
+@pytest.mark.mpi
+def test_sync_batchnorm_example_matches_float64_reference():
+    done = run("horovodrun-mpi", 2, ROOT / "examples" / "sync_batchnorm.py")
+    assert done.returncode == 0 and "SyncBatchNorm check PASSED" in done.stdout
+
+
+@pytest.mark.mpi
+def test_benchmark_smoke_runs_every_variant():
+    """`make bench-smoke`: every benchmark variant once on tiny sizes (no timing is asserted)."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--smoke"],
+                          cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT)
+    print(done.stdout)
+    assert done.returncode == 0 and "wrote " in done.stdout
