@@ -66,7 +66,7 @@ class ShuffleBatchNormFunction(torch.autograd.Function):
                 local_error: Optional[str], needs_grad: bool, transport,
                 name: str):
         rank = transport.rank
-        acc = accumulation_dtype(input.dtype) if input.is_floating_point() else torch.float32
+        acc = accumulation_dtype(input.dtype)
         if local_error is None:
             # Scratch "running" buffers in the accumulation dtype make the kernel return float32
             # statistics for a float16/bfloat16 input; momentum 0 leaves them untouched.

@@ -4,6 +4,7 @@ Every rank derives the same ``p`` from the same inputs (mode, seed, step, size),
 costs no communication. A fingerprint of ``p`` travels with the statistics so that ranks which
 disagree anyway (different seeds, a rank-dependent callable) are caught instead of mis-routed.
 """
+import functools
 import zlib
 from typing import Callable, Sequence, Tuple, Union
 
@@ -55,6 +56,7 @@ def permutation_for(spec: PermutationSpec, seed: int, step: int, size: int) -> T
     return validate(spec, size)
 
 
+@functools.lru_cache(maxsize=16)  # every layer of a network asks for the same one each step
 def _seeded(seed: int, step: int, size: int, derangement: bool) -> Tuple[int, ...]:
     # One generator per (seed, step): the same on every rank, independent of anything else the
     # program draws from torch's global RNG.
