@@ -1,5 +1,6 @@
 """ShuffleBatchNorm, a drop-in torch.nn.BatchNorm*d, and the helpers that swap it in and out."""
 import itertools
+import os
 import warnings
 from typing import Optional
 
@@ -11,14 +12,19 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 
 from . import permutation as perms
-from .exchange import (TRANSPORTS, ShuffleBatchNormError, make_transport,
-                       raise_unless_all_ranks_agree)
-from .functional import ShuffleBatchNormFunction, input_error, shape_error
+from . import recompute
+from .agreement import Report
+from .errors import ShuffleBatchNormError
+from .exchange import TRANSPORTS, make_transport
+from .functional import (ShuffleBatchNormFunction, accumulation_dtype, exchange_statistics,
+                         input_error, local_statistics, shape_error, update_running_stats)
+from .waits import WaitContext, resolve_timeout
 
 # Collective names must match across ranks: layers are numbered in construction order, which is
 # the same on every rank running the same program.
 _layer_ids = itertools.count()
 _warned_single_rank = set()
+STEP_METADATA = "shufflebn_step"  # the step of a layer without num_batches_tracked
 _BATCHNORM_FOR_INPUT_DIM = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d,
                             5: nn.BatchNorm3d}
 
@@ -43,6 +49,13 @@ class ShuffleBatchNorm(_BatchNorm):
             ``"horovod"`` (Horovod's collectives; any controller, Gloo included) or ``"auto"``
             (MPI when Horovod runs on it, else Horovod). Must be the same on every rank.
         name: a readable suffix for the names of this layer's collectives.
+        timeout: seconds to wait for the other ranks before raising (default: the environment
+            variable ``HVD_SHUFFLEBN_TIMEOUT``, else 600).
+
+    The permutation of a training forward depends on ``seed`` and ``step``, the number of
+    training forwards so far. ``step`` is ``num_batches_tracked`` when the layer tracks running
+    statistics, so it travels with ``state_dict()``, Horovod's broadcasts and elastic state;
+    otherwise it is kept on the layer and in the state dict's metadata.
 
     Shape: input ``(N, C, *)``, output the same.
     """
@@ -51,7 +64,8 @@ class ShuffleBatchNorm(_BatchNorm):
                  affine: bool = True, track_running_stats: bool = True, *,
                  permutation: perms.PermutationSpec = "derangement",
                  process_set=hvd.global_process_set, seed: int = 0, transport: str = "auto",
-                 name: Optional[str] = None, device=None, dtype=None):
+                 name: Optional[str] = None, timeout: Optional[float] = None, device=None,
+                 dtype=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          device=device, dtype=dtype)
         self.permutation = perms.check_spec(permutation)
@@ -60,13 +74,29 @@ class ShuffleBatchNorm(_BatchNorm):
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         self.transport = transport
+        self.timeout = resolve_timeout(timeout)
         layer_id = next(_layer_ids)
         self.name = f"shufflebn.{layer_id}" + (f".{name}" if name else "")
-        self.step = 0  # training steps taken; with ``seed``, it decides the permutation
+        self._untracked_step = 0  # the step of a layer without num_batches_tracked
         self.last_permutation = None
         self._batchnorm_class = None  # what convert_shuffle_batchnorm replaced, for revert
         self._input_dim = None
-        self._num_features_agreed = False
+        self._records = recompute.Records()
+        self.register_state_dict_post_hook(_save_untracked_step)
+
+    @property
+    def step(self) -> int:
+        """Training forwards taken so far; with ``seed``, it decides the permutation."""
+        if self.num_batches_tracked is not None:
+            return int(self.num_batches_tracked)
+        return self._untracked_step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        if self.num_batches_tracked is not None:
+            self.num_batches_tracked.fill_(int(value))
+        else:
+            self._untracked_step = int(value)
 
     def _check_input_dim(self, input):  # for the local paths (eval, a single rank)
         error = shape_error(input, self.num_features)
@@ -87,43 +117,94 @@ class ShuffleBatchNorm(_BatchNorm):
         transport = self._get_transport()
         if transport.size == 1:
             return self._single_rank_forward(input)
+        if recompute.in_backward():
+            return self._replay(input, transport)
 
+        step = self.step
         update_running = self.training and self.track_running_stats
         factor = 0.0
         if update_running:
-            factor = (self.momentum if self.momentum is not None
-                      else 1.0 / (float(self.num_batches_tracked) + 1.0))
-        if not self._num_features_agreed:
-            # Once per layer: the exchanged packets' lengths depend on num_features.
-            raise_unless_all_ranks_agree(transport, self.name + ".num_features", "num_features",
-                                         self.num_features)
-            self._num_features_agreed = True
+            factor = self.momentum if self.momentum is not None else 1.0 / (step + 1.0)
+        context = WaitContext(self.name, step, "forward", self.timeout)
+        transport.agree_before_first_exchange(self.name, self.num_features, context)
         try:
-            perm, local_error = perms.permutation_for(self.permutation, self.seed, self.step,
+            perm, local_error = perms.permutation_for(self.permutation, self.seed, step,
                                                       transport.size), None
         except ValueError as error:  # still join the exchange, so every rank can raise it
             perm, local_error = tuple(range(transport.size)), f"invalid permutation: {error}"
         local_error = local_error or input_error(input, self.num_features)
         needs_grad = torch.is_grad_enabled() and input.requires_grad
-
+        report = Report(self.name, local_error, perm, needs_grad, self.num_features)
+        if local_error is None:
+            mean, var, count = local_statistics(input, self.num_features)
+        else:  # still take part, so that the others learn about the error instead of hanging
+            mean = var = torch.zeros(self.num_features, device=input.device,
+                                     dtype=accumulation_dtype(input.dtype)
+                                     if input.is_floating_point() else torch.float32)
+            count = 0
+        borrowed_mean, borrowed_var, summed = exchange_statistics(transport, report, mean, var,
+                                                                  count, context)
+        if update_running:
+            update_running_stats(self.running_mean, self.running_var, summed, factor)
         output = ShuffleBatchNormFunction.apply(
-            input, self.weight, self.bias,
-            self.running_mean if update_running else None,
-            self.running_var if update_running else None,
-            self.num_features, factor, self.eps, perm, local_error, needs_grad, transport,
-            self.name)
+            input, self.weight, self.bias, mean, borrowed_mean, borrowed_var, count, self.eps,
+            perm, transport, WaitContext(self.name, step, "backward", self.timeout))
+        if recompute.may_be_recomputed():
+            self._records.add(recompute.Record(step, perm, count, mean, var, borrowed_mean,
+                                               borrowed_var))
         if update_running:
             self.num_batches_tracked.add_(1)
-        self.step += 1
+        else:
+            self._untracked_step += 1
         self.last_permutation = perm
         self._input_dim = input.dim()
         return output
+
+    def _replay(self, input, transport):
+        """The recomputation of a checkpointed forward: the same permutation and borrowed
+        statistics as the forward it recomputes, no communication, no change of state."""
+        mean, var, count = local_statistics(input, self.num_features)
+        record = self._records.take(mean, var, count)
+        if record is None:
+            raise ShuffleBatchNormError(
+                f"ShuffleBatchNorm {self.name!r}: a forward ran inside a backward pass (the "
+                "recomputation of torch.utils.checkpoint) but its input matches none of the last "
+                f"{recompute.CAPACITY} forwards of this layer, so it cannot replay the "
+                "permutation and statistics of the forward it recomputes. Is the checkpointed "
+                "block deterministic (same input, dropout under preserve_rng_state=True)?")
+        return ShuffleBatchNormFunction.apply(
+            input, self.weight, self.bias, mean, record.borrowed_mean, record.borrowed_var,
+            record.count, self.eps, record.perm, transport,
+            WaitContext(self.name, record.step, "backward", self.timeout))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+        if STEP_METADATA in local_metadata:
+            self._untracked_step = int(local_metadata[STEP_METADATA])
+        self._records = recompute.Records()
+
+    def __getstate__(self):
+        # A process set is a handle on Horovod's state, not part of the layer's: keep which one it
+        # is (pickling and deepcopy), not a copy of the object. Recompute records stay behind.
+        state = dict(self.__dict__)
+        state["process_set"] = _ProcessSetRef.of(self.process_set)
+        state["_records"] = recompute.Records()
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if isinstance(self.process_set, _ProcessSetRef):
+            self.process_set = self.process_set.resolve()
 
     def _get_transport(self):
         if not hvd.is_initialized():
             raise ShuffleBatchNormError(
                 f"ShuffleBatchNorm {self.name!r}: Horovod is not initialised; call hvd.init() "
                 "before the first training forward")
+        if os.environ.get("HOROVOD_ELASTIC") == "1" and self.process_set is not hvd.global_process_set:
+            raise ShuffleBatchNormError(
+                f"ShuffleBatchNorm {self.name!r}: process sets are not supported under elastic "
+                "Horovod (Horovod itself does not support them there); use the global process set")
         if self.process_set.process_set_id is None:
             raise ShuffleBatchNormError(
                 f"ShuffleBatchNorm {self.name!r}: {self.process_set} is not registered with "
@@ -139,7 +220,13 @@ class ShuffleBatchNorm(_BatchNorm):
             warnings.warn("ShuffleBatchNorm: the process set has a single rank, so there is no "
                           "other rank to borrow statistics from; using plain batch norm",
                           stacklevel=3)
-        output = super().forward(input)
+        if recompute.in_backward():  # a checkpoint's recomputation: no second update
+            self._check_input_dim(input)
+            output = F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        else:
+            output = super().forward(input)
+            if not (self.training and self.track_running_stats):
+                self._untracked_step += 1
         self.last_permutation = (0,)
         self._input_dim = input.dim()
         return output
@@ -199,3 +286,33 @@ def _move_state(source: _BatchNorm, target: _BatchNorm) -> None:
     target.train(source.training)
     if hasattr(source, "qconfig"):
         target.qconfig = source.qconfig
+
+
+def _save_untracked_step(module, state_dict, prefix, local_metadata):
+    """Keep the step of a layer without num_batches_tracked in the state dict's metadata: no new
+    key, so the state dict still loads strictly into a plain BatchNorm and back."""
+    if module.num_batches_tracked is None:
+        local_metadata[STEP_METADATA] = module._untracked_step
+
+
+class _ProcessSetRef:
+    """Which Horovod process set a layer uses, as it survives pickling and deepcopy."""
+
+    def __init__(self, ranks: Optional[list]):
+        self.ranks = ranks  # None: the global process set
+
+    @classmethod
+    def of(cls, process_set) -> "_ProcessSetRef":
+        return cls(None if process_set is hvd.global_process_set else list(process_set.ranks))
+
+    def resolve(self):
+        if self.ranks is None:
+            return hvd.global_process_set
+        # A ProcessSet object with these ranks; Horovod fills in its id when it is registered.
+        process_set = hvd.ProcessSet(self.ranks)
+        if hvd.is_initialized():
+            from horovod.common.process_sets import _basics
+            for set_id, ranks in _basics._get_process_set_ids_and_ranks().items():
+                if list(ranks) == self.ranks:
+                    process_set.process_set_id = set_id
+        return process_set

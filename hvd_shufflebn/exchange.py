@@ -1,15 +1,14 @@
-"""Moving statistics between ranks, and making every rank raise the same error.
+"""Moving statistics between ranks: the transports.
 
 One forward exchange moves and sums:
 
 * a point-to-point move: each rank sends one packet to the one rank that borrows from it, so the
   bytes per rank do not grow with the world size;
-* a sum over all ranks of a small vector: the running statistics need the union of all batches,
-  and every rank must learn about a bad input on ANY rank, or the ranks would diverge or hang.
+* a sum over all ranks of a small header (agreement.py: errors, fingerprints) and of the
+  count-weighted sums the running statistics need.
 
-Two transports do this: Horovod's collectives (any controller), or mpi4py next to Horovod's MPI
-(far lower latency). The slow, rare work of finding out WHAT went wrong, and where, happens only
-after the sum says something did.
+Two transports do this: Horovod's collectives (any controller, elastic runs included), or mpi4py
+next to Horovod's MPI (far lower latency). Every wait is bounded (waits.py).
 """
 import atexit
 import os
@@ -18,20 +17,42 @@ from typing import Callable, List, Optional, Tuple
 
 import horovod.torch as hvd
 import torch
+from horovod.common.exceptions import HorovodInternalError
+
+from .agreement import raise_unless_all_ranks_agree
+from .errors import ShuffleBatchNormError
+from .waits import KVStallBoard, MPIStallBoard, WaitContext, wait_until
 
 TRANSPORTS = ("auto", "horovod", "mpi")
+# Horovod's own synchronize() sleeps 1 ms between polls; ours does the same, with a deadline.
+_HOROVOD_POLL_PAUSE = 0.001
 
 
-class ShuffleBatchNormError(RuntimeError):
-    """Raised on every rank of the process set, with the same message, when any rank's input is bad."""
+class _Transport:
+    rank: int
+    size: int
+    stall_board = None
+    broken: Optional[str] = None  # set when a wait timed out: late messages would be mismatched
+
+    def agree_before_first_exchange(self, layer: str, num_features: int, context) -> None:
+        """Make sure all ranks' packets for ``layer`` will have the same length (see
+        MPITransport); Horovod's collectives need nothing: the header names a mismatch."""
+
+    def _check_usable(self):
+        if self.broken is not None:
+            raise ShuffleBatchNormError(
+                "ShuffleBatchNorm cannot exchange any more in this process: an earlier wait timed "
+                f"out and a late message could be taken for a new one. That wait: {self.broken}")
 
 
-class HorovodTransport:
+class HorovodTransport(_Transport):
     """Horovod's collectives on one process set (works with both the MPI and the Gloo controller).
 
-    The move and the sum are submitted together and share one negotiation cycle; the move cannot
-    hang when ranks disagree on the permutation (a rank just receives 0 or 2 rows), so the check
-    can come after both.
+    The move, the header sum and the statistics sum are submitted together and share one
+    negotiation cycle (the two sums, both float64, are fused by Horovod). The header is checked
+    first: ranks that disagree on num_features send rows of different lengths, which Horovod
+    answers with an error on every rank; the header names the real problem instead. The move
+    cannot hang when ranks disagree on the permutation (a rank just receives 0 or 2 rows).
     """
 
     def __init__(self, process_set):
@@ -40,106 +61,181 @@ class HorovodTransport:
         self.size = process_set.size()
         # Horovod built without GPU collectives only takes CPU tensors.
         self._cpu_only = not hvd.nccl_built()
+        self.stall_board = _stall_board(process_set, self.rank, self.size)
+
+    def _wait(self, handle, context: WaitContext, waiting_for: str):
+        wait_until(lambda: hvd.poll(handle), context, self, waiting_for,
+                   pause=_HOROVOD_POLL_PAUSE)
+        # Done: returns at once. A peer that died surfaces here as HorovodInternalError, which
+        # must stay what it is: elastic Horovod recovers from exactly that.
+        return hvd.synchronize(handle)
 
     def exchange(self, name: str, row: torch.Tensor, dest: int, source: int,
-                 totals: Optional[torch.Tensor] = None,
+                 context: WaitContext, header: Optional[torch.Tensor] = None,
+                 sums: Optional[torch.Tensor] = None,
                  check: Optional[Callable[[torch.Tensor], None]] = None
                  ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Send ``row`` (shape (1, L)) to rank ``dest`` and receive the one from ``source``; if
-        given, sum ``totals`` over all ranks and call ``check`` on the sum before the received row
-        is returned (``check`` raises when the exchange must not be used)."""
+        given, sum ``header`` and ``sums`` over all ranks and call ``check`` on the summed header
+        before anything else is used (``check`` raises when the exchange must not be used).
+        Returns the received row and the summed ``sums``."""
+        self._check_usable()
         device = row.device
-        if self._cpu_only:
-            row = row.cpu()
-            totals = None if totals is None else totals.cpu()
+        stage = (lambda t: t.cpu()) if self._cpu_only else (lambda t: t)
         splits = torch.zeros(self.size, dtype=torch.int32)
         splits[dest] = 1
-        moved = hvd.alltoall_async(row, splits=splits, name=name, process_set=self.process_set)
+        what = f"the statistics of rank {source}"
+        moved = hvd.alltoall_async(stage(row), splits=splits, name=name,
+                                   process_set=self.process_set)
         summed = None
-        if totals is not None:
-            summed = hvd.allreduce_async(totals, op=hvd.Sum, name=name + ".sum",
-                                         process_set=self.process_set)
-        received, _ = hvd.synchronize(moved)
-        if summed is not None:
-            summed = hvd.synchronize(summed)
-            check(summed)
-            summed = summed.to(device)
+        if header is not None:
+            header_handle = hvd.allreduce_async(stage(header), op=hvd.Sum, name=name + ".header",
+                                                process_set=self.process_set)
+            sums_handle = hvd.allreduce_async(stage(sums), op=hvd.Sum, name=name + ".sum",
+                                              process_set=self.process_set)
+            everyone = "the sum over all ranks"
+            try:
+                check(self._wait(header_handle, context, everyone))
+            except ShuffleBatchNormError:
+                self._drain(moved, sums_handle, context=context)
+                raise
+            summed = self._wait(sums_handle, context, everyone).to(device)
+        received, _ = self._wait(moved, context, what)
         return received.to(device), summed
 
-    def sum(self, name: str, totals: torch.Tensor) -> torch.Tensor:
-        device = totals.device
-        return hvd.allreduce(totals.cpu() if self._cpu_only else totals, op=hvd.Sum, name=name,
-                             process_set=self.process_set).to(device)
+    def _drain(self, *handles, context):
+        """Collect the other collectives of an exchange that is being abandoned: with rows of
+        different lengths they end in an error on every rank, quickly."""
+        for handle in handles:
+            try:
+                self._wait(handle, context, "the rest of an abandoned exchange")
+            except (HorovodInternalError, ShuffleBatchNormError):
+                pass
 
-    def gather_objects(self, name: str, obj) -> List[object]:
+    def sum(self, name: str, totals: torch.Tensor, context: WaitContext) -> torch.Tensor:
+        self._check_usable()
+        handle = hvd.allreduce_async(totals.cpu() if self._cpu_only else totals, op=hvd.Sum,
+                                     name=name, process_set=self.process_set)
+        return self._wait(handle, context, "the sum over all ranks").to(totals.device)
+
+    def gather_objects(self, name: str, obj, context: WaitContext) -> List[object]:
         """Every rank's ``obj``, in rank order (slow; for the error path only)."""
+        self._check_usable()
         payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
-        lengths = hvd.allgather(torch.tensor([payload.numel()]), name=name + ".len",
-                                process_set=self.process_set).tolist()
-        data = hvd.allgather(payload, name=name + ".obj", process_set=self.process_set)
+        lengths = self._wait(hvd.allgather_async(torch.tensor([payload.numel()]),
+                                                 name=name + ".len", process_set=self.process_set),
+                             context, "every rank's report").tolist()
+        data = self._wait(hvd.allgather_async(payload, name=name + ".obj",
+                                              process_set=self.process_set),
+                          context, "every rank's report")
         return [pickle.loads(chunk.numpy().tobytes()) for chunk in torch.split(data, lengths)]
 
 
-class MPITransport:
+class MPITransport(_Transport):
     """mpi4py on a duplicate of the process set's MPI communicator: the packets go straight to MPI
     (microseconds) instead of through Horovod's background thread (a negotiation cycle, about a
     millisecond). Valid when Horovod runs on MPI; packets are staged through host memory.
 
     The sum and its check come BEFORE the point-to-point move: a receive from a rank that sends
-    elsewhere (ranks that disagree on the permutation) would hang.
+    elsewhere (ranks that disagree on the permutation) would hang. MPI matches messages by order
+    and length only, so each layer checks once that all ranks agree on num_features before its
+    first exchange (``agreed``); an MPI world never changes size, so once is enough.
     """
 
     def __init__(self, process_set):
-        from mpi4py import MPI
-        world = MPI.COMM_WORLD
-        # Our own communicator, so our messages never match Horovod's or the user's.
-        if process_set.mpi_comm is not None:
-            self.comm = process_set.mpi_comm.Dup()
-        elif process_set.process_set_id == 0:  # the global set
-            self.comm = world.Dup()
-        else:  # collective over the set's members only
-            self.comm = world.Create_group(world.Get_group().Incl(process_set.ranks))
+        self.comm = _duplicate_communicator(process_set)
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
-        # Free it before Horovod's own exit handler (registered earlier, so run later) finalises
-        # MPI: a communicator freed after MPI_Finalize aborts the process.
-        atexit.register(self._free)
+        self.stall_board = MPIStallBoard(self.comm.Dup())
+        self.agreed = set()  # names of the layers whose num_features all ranks agree on
+        # Free them before Horovod's own exit handler (registered earlier, so run later)
+        # finalises MPI: a communicator freed after MPI_Finalize aborts the process.
+        atexit.register(_free, self.comm, self.stall_board.comm)
 
-    def _free(self):
-        from mpi4py import MPI
-        if not MPI.Is_finalized() and self.comm != MPI.COMM_NULL:
-            self.comm.Free()
+    def agree_before_first_exchange(self, layer, num_features, context):
+        if layer not in self.agreed:
+            raise_unless_all_ranks_agree(self, layer + ".num_features", "num_features",
+                                         num_features, context)
+            self.agreed.add(layer)
 
-    def exchange(self, name, row, dest, source, totals=None, check=None):
+    def exchange(self, name, row, dest, source, context, header=None, sums=None, check=None):
+        self._check_usable()
         device = row.device
-        if totals is not None:
-            totals = totals.cpu()
-            summed = torch.empty_like(totals)
-            _wait(self.comm.Iallreduce(totals.numpy(), summed.numpy()))
-            check(summed)
-            totals = summed.to(device)
+        summed = None
+        if header is not None:
+            totals = torch.cat([header, sums]).cpu()
+            result = torch.empty_like(totals)
+            self._wait([self.comm.Iallreduce(totals.numpy(), result.numpy())], context,
+                       "the sum over all ranks")
+            check(result[:header.numel()])
+            summed = result[header.numel():].to(device)
         row = row.cpu()
         received = torch.empty_like(row)
-        _wait(self.comm.Irecv(received.numpy(), source, 0), self.comm.Isend(row.numpy(), dest, 0))
-        return received.to(device), totals
+        self._wait([self.comm.Irecv(received.numpy(), source, 0),
+                    self.comm.Isend(row.numpy(), dest, 0)], context,
+                   f"the statistics of rank {source}")
+        return received.to(device), summed
 
-    def sum(self, name, totals):
-        summed = torch.empty_like(totals.cpu())
-        self.comm.Allreduce(totals.cpu().numpy(), summed.numpy())
-        return summed.to(totals.device)
+    def _wait(self, requests, context, waiting_for):
+        from mpi4py import MPI
+        # Yield the core between polls: the ranks' main threads share the cores with Horovod's
+        # background threads, and a busy-waiting MPI_Wait starves them (measured on 2 cores,
+        # 2 ranks: about 2x the latency); with a core to spare, the yield returns at once.
+        wait_until(lambda: MPI.Request.Testall(requests), context, self, waiting_for)
 
-    def gather_objects(self, name, obj):
-        return self.comm.allgather(obj)
+    def sum(self, name, totals, context):
+        self._check_usable()
+        totals = totals.cpu()
+        summed = torch.empty_like(totals)
+        self._wait([self.comm.Iallreduce(totals.numpy(), summed.numpy())], context,
+                   "the sum over all ranks")
+        return summed
+
+    def gather_objects(self, name, obj, context):
+        self._check_usable()
+        import numpy as np
+        payload = np.frombuffer(pickle.dumps(obj), dtype=np.uint8)
+        lengths = np.zeros(self.size, dtype=np.int64)
+        self._wait([self.comm.Iallgather(np.array([payload.size], dtype=np.int64), lengths)],
+                   context, "every rank's report")
+        data = np.empty(int(lengths.sum()), dtype=np.uint8)
+        self._wait([self.comm.Iallgatherv(payload, [data, lengths.tolist()])], context,
+                   "every rank's report")
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        return [pickle.loads(data[offsets[r]:offsets[r + 1]].tobytes()) for r in range(self.size)]
 
 
-def _wait(*requests) -> None:
-    """Wait for MPI requests, yielding the core between polls: the ranks' main threads share the
-    cores with Horovod's background threads, and a busy-waiting MPI_Wait starves them (measured
-    on 2 cores, 2 ranks: about 2x the latency); with a core to spare, the yield returns at once."""
+def _duplicate_communicator(process_set):
+    """Our own communicator, so our messages never match Horovod's or the user's."""
     from mpi4py import MPI
-    requests = list(requests)
-    while not MPI.Request.Testall(requests):
-        os.sched_yield()
+    world = MPI.COMM_WORLD
+    if process_set.mpi_comm is not None:
+        return process_set.mpi_comm.Dup()
+    if process_set.process_set_id == 0:  # the global set
+        return world.Dup()
+    return world.Create_group(world.Get_group().Incl(process_set.ranks))  # its members only
+
+
+def _free(*comms):
+    from mpi4py import MPI
+    for comm in comms:
+        if not MPI.Is_finalized() and comm != MPI.COMM_NULL:
+            comm.Free()
+
+
+def _stall_board(process_set, rank, size):
+    """Where waiting ranks can tell each other where they wait, whatever Horovod's state: the
+    rendezvous server's key-value store under horovodrun's Gloo, an MPI communicator of its own
+    under MPI, or nothing (the timeout error then says it could not tell)."""
+    address = os.environ.get("HOROVOD_GLOO_RENDEZVOUS_ADDR")
+    port = os.environ.get("HOROVOD_GLOO_RENDEZVOUS_PORT")
+    if hvd.gloo_enabled() and address and port:
+        return KVStallBoard(address, int(port), process_set.process_set_id, rank, size)
+    if mpi_usable():
+        comm = _duplicate_communicator(process_set)
+        atexit.register(_free, comm)
+        return MPIStallBoard(comm)
+    return None
 
 
 def mpi_usable() -> bool:
@@ -155,12 +251,14 @@ def mpi_usable() -> bool:
             and MPI.COMM_WORLD.Get_size() == hvd.size() and MPI.COMM_WORLD.Get_rank() == hvd.rank())
 
 
-_transports = {}  # (kind, process set id) -> transport, shared by all layers
+# (kind, process set id, rank, size) -> transport, shared by all layers. Rank and size are part of
+# the key: elastic Horovod re-initialises with a new world in the same process.
+_transports = {}
 
 
 def make_transport(kind: str, process_set):
     """The transport named ``kind`` ("auto": MPI when usable, else Horovod) for ``process_set``."""
-    key = (kind, process_set.process_set_id)
+    key = (kind, process_set.process_set_id, process_set.rank(), process_set.size())
     if key not in _transports:
         if kind == "horovod" or (kind == "auto" and not mpi_usable()):
             _transports[key] = HorovodTransport(process_set)
@@ -171,50 +269,3 @@ def make_transport(kind: str, process_set):
                 "transport='mpi' needs Horovod running on MPI (not Gloo) with mpi4py on the same "
                 "MPI_COMM_WORLD and MPI_THREAD_MULTIPLE; use transport='horovod' or 'auto'")
     return _transports[key]
-
-
-# Layout of the vector summed over ranks in the forward exchange: a header, then per-channel sums.
-ERRORS, FINGERPRINT, FINGERPRINT_SQ, NEEDS_GRAD, COUNT = range(5)
-HEADER = 5
-
-
-def raise_if_any_rank_failed(transport, name: str, header: torch.Tensor,
-                             local_error: Optional[str], perm, needs_grad: bool) -> None:
-    """Raise the same ShuffleBatchNormError on every rank if any rank reported a problem.
-
-    ``header`` is the summed header: the number of ranks with a local error, the sum and sum of
-    squares of the fingerprints of (layer name, permutation) (all equal iff
-    size * sum(f^2) == sum(f)^2, exact in float64 for f < 2**20), and the number of ranks whose
-    input needs a gradient (a backward exchange on only some ranks would hang).
-    """
-    errors, fp, fp_sq, grads = (float(header[i]) for i in (ERRORS, FINGERPRINT, FINGERPRINT_SQ,
-                                                            NEEDS_GRAD))
-    size = transport.size
-    if errors == 0 and size * fp_sq == fp * fp and grads in (0, size):
-        return
-    reports = transport.gather_objects(name + ".error", (name, local_error, perm, needs_grad))
-    names = [n for n, _, _, _ in reports]
-    if len(set(names)) > 1:  # possible with the MPI transport, which matches calls by order only
-        raise ShuffleBatchNormError("ShuffleBatchNorm: ranks are in different layers: " + ", ".join(
-            f"rank {r} in {n!r}" for r, n in enumerate(names)))
-    problems = [f"rank {r}: {err}" for r, (_, err, _, _) in enumerate(reports) if err]
-    if not problems and len({p for _, _, p, _ in reports}) > 1:
-        problems.append("ranks disagree on the permutation: " + ", ".join(
-            f"rank {r} uses {p}" for r, (_, _, p, _) in enumerate(reports)))
-    if not problems:
-        problems.append("the input requires grad on ranks "
-                        f"{[r for r, (_, _, _, g) in enumerate(reports) if g]} only; a backward "
-                        "pass on some ranks but not others would hang")
-    raise ShuffleBatchNormError(f"ShuffleBatchNorm {name!r} (process set of {size} ranks): "
-                                + "; ".join(problems))
-
-
-def raise_unless_all_ranks_agree(transport, name: str, what: str,
-                                 value: int) -> None:
-    """Raise the same ShuffleBatchNormError on every rank unless all ranks hold the same ``value``."""
-    totals = transport.sum(name, torch.tensor([value, value * value], dtype=torch.float64))
-    if transport.size * float(totals[1]) == float(totals[0]) ** 2:
-        return
-    values = transport.gather_objects(name, value)
-    raise ShuffleBatchNormError(f"ShuffleBatchNorm {name!r}: ranks disagree on {what}: "
-                                + ", ".join(f"rank {r} has {v}" for r, v in enumerate(values)))

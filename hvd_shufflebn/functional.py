@@ -1,4 +1,5 @@
-"""The shuffled batch norm as an autograd Function: forward, exact backward, running statistics.
+"""The shuffled batch norm: the statistics exchange, the autograd Function with its exact
+backward, and the running statistics.
 
 Notation (README.md, "What it computes"): rank r normalises with the statistics of rank
 u = p[r]. m, v: per-channel mean and biased variance; s = 1/sqrt(v + eps); M: values per channel.
@@ -10,12 +11,13 @@ u = p[r]. m, v: per-channel mean and biased variance; s = 1/sqrt(v + eps); M: va
               what it receives to its direct term:
               dx_q = w s_{p[q]} dy_q + g_m / M_q + g_v * 2 (x_q - m_q) / M_q
 """
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 from . import permutation as perms
-from .exchange import COUNT, HEADER, raise_if_any_rank_failed
+from .agreement import Report, make_header, raise_if_any_rank_failed
+from .waits import WaitContext
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -46,65 +48,78 @@ def input_error(input: torch.Tensor, num_features: int) -> Optional[str]:
     return None
 
 
+def local_statistics(input: torch.Tensor, num_features: int
+                     ) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-channel mean, biased variance (accumulation dtype) and values per channel."""
+    # Scratch "running" buffers in the accumulation dtype make the kernel return float32
+    # statistics for a float16/bfloat16 input; momentum 0 leaves them untouched.
+    scratch = torch.zeros(2, num_features, dtype=accumulation_dtype(input.dtype),
+                          device=input.device)
+    with torch.no_grad():
+        mean, var = torch.batch_norm_update_stats(input, scratch[0], scratch[1], 0.0)
+    return mean, var, input.numel() // num_features
+
+
+def exchange_statistics(transport, report: Report, mean: torch.Tensor, var: torch.Tensor,
+                        count: int, context: WaitContext
+                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Send this rank's statistics to the rank that borrows them, receive the ones it borrows,
+    and sum what the running statistics need over all ranks; every rank raises the same error
+    if any rank reported a problem. Returns (borrowed mean, borrowed var, summed statistics)."""
+    # Packets travel in float64: counts stay exact and the variance of the union of all
+    # batches, E[x^2] - E[x]^2, does not cancel catastrophically.
+    mean64, var64 = mean.double(), var.double()
+    count64 = torch.tensor([float(count)], dtype=torch.float64, device=mean.device)
+    packet = torch.cat([mean64, var64, count64]).unsqueeze(0)
+    sums = torch.cat([count64, count64 * mean64, count64 * (var64 + mean64 * mean64)])
+    perm, rank = report.perm, transport.rank
+
+    def check(summed_header):
+        raise_if_any_rank_failed(transport, report.layer, summed_header.cpu(), report, context)
+    # My packet goes to the rank that borrows from me; I receive from the one I borrow from.
+    received, summed = transport.exchange(report.layer, packet, perms.inverse(perm)[rank],
+                                          perm[rank], context,
+                                          make_header(report, mean.device), sums, check)
+    borrowed_mean, borrowed_var = received[0, :2 * mean.numel()].to(mean.dtype).chunk(2)
+    return borrowed_mean, borrowed_var, summed
+
+
+def update_running_stats(running_mean, running_var, summed: torch.Tensor, factor: float) -> None:
+    """Blend in the mean and unbiased variance of the union of all ranks' batches (as torch's
+    BatchNorm would on the concatenated global batch); identical on every rank."""
+    count, sums, sums_sq = summed[0], *summed[1:].chunk(2)
+    mean = sums / count
+    var = (sums_sq / count - mean * mean).clamp_min(0) * (count / (count - 1))
+    running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
+    running_var.mul_(1 - factor).add_(var.to(running_var.dtype), alpha=factor)
+
+
 def _channel_shape(input: torch.Tensor):
     return (1, -1) + (1,) * (input.dim() - 2)
 
 
 class ShuffleBatchNormFunction(torch.autograd.Function):
-    """Inputs after ``bias`` are not differentiable: running buffers (updated in place), settings.
+    """y = w (x - m_u) s_u + b with the borrowed statistics given; the backward sends the
+    gradient of the borrowed statistics back to the lender and adds what comes back.
 
-    The local work runs on ATen's own batch-norm kernels (CPU and CUDA alike), used in "eval"
-    form with the borrowed statistics standing in for running statistics: that is exactly
-    y = w (x - m_u) s_u + b, and its backward gives the direct term w s_u dy together with
-    A = sum(dy) and B s_u = sum(dy (x - m_u)) s_u. Only the correction through the statistics
-    is ours.
+    Inputs after ``bias`` are not differentiable. The local work runs on ATen's own batch-norm
+    kernels (CPU and CUDA alike), used in "eval" form with the borrowed statistics standing in
+    for running statistics: that is exactly y = w (x - m_u) s_u + b, and its backward gives the
+    direct term w s_u dy together with A = sum(dy) and B s_u = sum(dy (x - m_u)) s_u. Only the
+    correction through the statistics is ours.
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, num_features: int,
-                exponential_average_factor: float, eps: float, perm: Sequence[int],
-                local_error: Optional[str], needs_grad: bool, transport,
-                name: str):
-        rank = transport.rank
-        acc = accumulation_dtype(input.dtype)
-        if local_error is None:
-            # Scratch "running" buffers in the accumulation dtype make the kernel return float32
-            # statistics for a float16/bfloat16 input; momentum 0 leaves them untouched.
-            scratch = torch.zeros(2, num_features, dtype=acc, device=input.device)
-            mean, var = torch.batch_norm_update_stats(input, scratch[0], scratch[1], 0.0)
-            count = input.numel() // num_features
-        else:  # still take part, so that the others learn about the error instead of hanging
-            mean = var = torch.zeros(num_features, dtype=acc, device=input.device)
-            count = 0
-        # Packets travel in float64: counts stay exact and the variance of the union of all
-        # batches, E[x^2] - E[x]^2, does not cancel catastrophically.
-        mean64, var64 = mean.double(), var.double()
-        count64 = torch.tensor([float(count)], dtype=torch.float64, device=input.device)
-        packet = torch.cat([mean64, var64, count64]).unsqueeze(0)
-        fp = perms.fingerprint(name, perm)
-        header = torch.tensor([float(local_error is not None), fp, fp * fp, float(needs_grad), count],
-                              dtype=torch.float64, device=input.device)
-        totals = torch.cat([header, count64 * mean64, count64 * (var64 + mean64 * mean64)])
-
-        def check(summed):
-            raise_if_any_rank_failed(transport, name, summed[:HEADER].cpu(), local_error,
-                                     tuple(perm), needs_grad)
-        # My packet goes to the rank that borrows from me; I receive from the one I borrow from.
-        received, totals = transport.exchange(name, packet, perms.inverse(perm)[rank], perm[rank],
-                                              totals, check)
-
-        borrowed_mean, borrowed_var = received[0, :2 * num_features].to(acc).chunk(2)
-        if running_mean is not None:
-            _update_running_stats(running_mean, running_var, totals, num_features,
-                                  exponential_average_factor)
+    def forward(ctx, input, weight, bias, own_mean, borrowed_mean, borrowed_var, count: int,
+                eps: float, perm: Sequence[int], transport, backward_context: WaitContext):
+        acc = own_mean.dtype
         weight_acc = None if weight is None else weight.to(acc)
         bias_acc = None if bias is None else bias.to(acc)
         output = torch.native_batch_norm(input, weight_acc, bias_acc, borrowed_mean, borrowed_var,
                                          False, 0.0, eps)[0]
-
-        ctx.save_for_backward(input, weight_acc, borrowed_mean, borrowed_var, mean)
-        ctx.count, ctx.perm, ctx.transport, ctx.name = count, tuple(perm), transport, name
-        ctx.eps = eps
+        ctx.save_for_backward(input, weight_acc, borrowed_mean, borrowed_var, own_mean)
+        ctx.count, ctx.perm, ctx.transport, ctx.eps = count, tuple(perm), transport, eps
+        ctx.backward_context = backward_context
         ctx.param_dtype = None if weight is None else weight.dtype
         return output
 
@@ -130,16 +145,17 @@ class ShuffleBatchNormFunction(torch.autograd.Function):
             grad_var = -0.5 * w_invstd * invstd * sum_dy_xmu_invstd
             # Rank r borrowed from p[r]: that is where the gradient of its statistics belongs.
             packet = torch.cat([grad_mean, grad_var]).double().unsqueeze(0)
-            rank = ctx.transport.rank
-            received, _ = ctx.transport.exchange(ctx.name + ".grad", packet, ctx.perm[rank],
-                                                 perms.inverse(ctx.perm)[rank])
+            transport, context = ctx.transport, ctx.backward_context
+            received, _ = transport.exchange(context.layer + ".grad", packet,
+                                             ctx.perm[transport.rank],
+                                             perms.inverse(ctx.perm)[transport.rank], context)
             grad_own_mean, grad_own_var = received[0].to(own_mean.dtype).chunk(2)
             # dx = w s_u dy + g_m / M + g_v * 2 (x - m) / M, as direct + x * b + c per channel
             b = 2.0 * grad_own_var / ctx.count
             c = grad_own_mean / ctx.count - own_mean * b
             shape = _channel_shape(input)
             grad_input = direct.addcmul_(input, b.view(shape)).add_(c.view(shape))
-        return (grad_input, grad_weight, grad_bias) + (None,) * 10
+        return (grad_input, grad_weight, grad_bias) + (None,) * 8
 
 
 def _memory_format(input: torch.Tensor) -> torch.memory_format:
@@ -148,15 +164,3 @@ def _memory_format(input: torch.Tensor) -> torch.memory_format:
     if input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d):
         return torch.channels_last_3d
     return torch.contiguous_format
-
-
-def _update_running_stats(running_mean, running_var, totals, num_features, factor):
-    """Blend in the mean and unbiased variance of the union of all ranks' batches (as torch's
-    BatchNorm would on the concatenated global batch); identical on every rank."""
-    count = totals[COUNT]
-    sums = totals[HEADER:HEADER + num_features]
-    sums_sq = totals[HEADER + num_features:]
-    mean = sums / count
-    var = (sums_sq / count - mean * mean).clamp_min(0) * (count / (count - 1))
-    running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
-    running_var.mul_(1 - factor).add_(var.to(running_var.dtype), alpha=factor)

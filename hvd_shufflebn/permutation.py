@@ -5,7 +5,6 @@ costs no communication. A fingerprint of ``p`` travels with the statistics so th
 disagree anyway (different seeds, a rank-dependent callable) are caught instead of mis-routed.
 """
 import functools
-import zlib
 from typing import Callable, Sequence, Tuple, Union
 
 import torch
@@ -72,9 +71,3 @@ def inverse(perm: Sequence[int]) -> Tuple[int, ...]:
     for r, p in enumerate(perm):
         inv[p] = r
     return tuple(inv)
-
-
-def fingerprint(name: str, perm: Sequence[int]) -> int:
-    """A small integer (< 2**20) identifying a layer and its permutation; exact in float64 even
-    when squared and summed over ranks."""
-    return zlib.crc32(f"{name}:{','.join(map(str, perm))}".encode()) % (1 << 20)

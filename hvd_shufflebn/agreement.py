@@ -1,0 +1,85 @@
+"""Every rank raises the same error, or none does.
+
+Each forward exchange sums a small header over the ranks. If it shows that any rank has a
+problem (a bad input, a permutation or layer or num_features that differs from the others', a
+gradient needed on some ranks only), every rank gathers every rank's report and raises the same
+ShuffleBatchNormError naming the ranks and the problem. The slow gather happens only then.
+"""
+import zlib
+from typing import NamedTuple, Optional, Sequence
+
+import torch
+
+from .errors import ShuffleBatchNormError
+
+# Layout of the summed header.
+ERRORS, FINGERPRINT, FINGERPRINT_SQ, NEEDS_GRAD = range(4)
+HEADER = 4
+
+
+class Report(NamedTuple):
+    """What a rank brings to a training step, for the error message if the ranks disagree."""
+    layer: str
+    error: Optional[str]
+    perm: tuple
+    needs_grad: bool
+    num_features: int
+
+
+def fingerprint(report: Report) -> int:
+    """A small integer (< 2**20) identifying the layer, its width and its permutation; exact in
+    float64 even when squared and summed over ranks."""
+    text = f"{report.layer}:{report.num_features}:{','.join(map(str, report.perm))}"
+    return zlib.crc32(text.encode()) % (1 << 20)
+
+
+def make_header(report: Report, device) -> torch.Tensor:
+    fp = fingerprint(report)
+    return torch.tensor([float(report.error is not None), fp, fp * fp, float(report.needs_grad)],
+                        dtype=torch.float64, device=device)
+
+
+def raise_if_any_rank_failed(transport, name: str, header: torch.Tensor, report: Report,
+                             context) -> None:
+    """Raise the same ShuffleBatchNormError on every rank if any rank reported a problem.
+
+    ``header`` is the summed header: the number of ranks with a local error, the sum and sum of
+    squares of the fingerprints (all equal iff size * sum(f^2) == sum(f)^2, exact in float64 for
+    f < 2**20), and the number of ranks whose input needs a gradient (a backward exchange on
+    only some ranks would hang).
+    """
+    errors, fp, fp_sq, grads = (float(header[i]) for i in (ERRORS, FINGERPRINT, FINGERPRINT_SQ,
+                                                            NEEDS_GRAD))
+    size = transport.size
+    if errors == 0 and size * fp_sq == fp * fp and grads in (0, size):
+        return
+    reports = [Report(*r) for r in transport.gather_objects(name + ".error", tuple(report),
+                                                            context)]
+    layers = [r.layer for r in reports]
+    if len(set(layers)) > 1:  # possible with the MPI transport, which matches calls by order only
+        raise ShuffleBatchNormError("ShuffleBatchNorm: ranks are in different layers: " + ", ".join(
+            f"rank {r} in {n!r}" for r, n in enumerate(layers)))
+    prefix = f"ShuffleBatchNorm {name!r} (process set of {size} ranks): "
+    if len({r.num_features for r in reports}) > 1:
+        raise ShuffleBatchNormError(prefix + "ranks disagree on num_features: " + ", ".join(
+            f"rank {r} has {rep.num_features}" for r, rep in enumerate(reports)))
+    problems = [f"rank {r}: {rep.error}" for r, rep in enumerate(reports) if rep.error]
+    if not problems and len({rep.perm for rep in reports}) > 1:
+        problems.append("ranks disagree on the permutation: " + ", ".join(
+            f"rank {r} uses {rep.perm}" for r, rep in enumerate(reports)))
+    if not problems:
+        problems.append("the input requires grad on ranks "
+                        f"{[r for r, rep in enumerate(reports) if rep.needs_grad]} only; a "
+                        "backward pass on some ranks but not others would hang")
+    raise ShuffleBatchNormError(prefix + "; ".join(problems))
+
+
+def raise_unless_all_ranks_agree(transport, name: str, what: str, value: int, context) -> None:
+    """Raise the same ShuffleBatchNormError on every rank unless all ranks hold the same ``value``."""
+    totals = transport.sum(name, torch.tensor([value, value * value], dtype=torch.float64),
+                           context)
+    if transport.size * float(totals[1]) == float(totals[0]) ** 2:
+        return
+    values = transport.gather_objects(name, value, context)
+    raise ShuffleBatchNormError(f"ShuffleBatchNorm {name!r}: ranks disagree on {what}: "
+                                + ", ".join(f"rank {r} has {v}" for r, v in enumerate(values)))

@@ -1,0 +1,80 @@
+"""Recomputed forwards (activation checkpointing) replay the forward they recompute.
+
+``torch.utils.checkpoint`` (reentrant or not) runs a block's forward a second time inside the
+backward pass. Left alone, that second forward would draw the next step's permutation, borrow
+statistics again and update the running statistics again: the gradient would belong to another
+function. So a forward that may be recomputed leaves a record (the permutation, its step and the
+statistics it borrowed), and a forward that runs inside a backward pass is a recomputation: it
+finds its record by the statistics of its own input (the recomputation sees the same input),
+replays it without communicating, and changes no state. Its backward then exchanges gradients
+exactly as the original would have.
+"""
+from collections import deque
+from typing import NamedTuple, Optional
+
+import torch
+
+# A layer keeps the records of its last forwards that may be recomputed; enough for several
+# forwards of one layer per backward pass (two crops, multi-crop) and an unrecomputed key encoder
+# in between. Each record holds 3 * num_features statistics.
+CAPACITY = 32
+
+
+def in_backward() -> bool:
+    """Whether we run inside a backward pass: that is where checkpointing recomputes."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def may_be_recomputed() -> bool:
+    """Whether this forward could be recomputed later: reentrant checkpointing runs the first
+    forward without grad, the non-reentrant kind with saved-tensor hooks in place."""
+    return (not torch.is_grad_enabled()
+            or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None)
+
+
+class Record(NamedTuple):
+    step: int
+    perm: tuple
+    count: int
+    own_mean: torch.Tensor
+    own_var: torch.Tensor
+    borrowed_mean: torch.Tensor
+    borrowed_var: torch.Tensor
+
+
+class Records:
+    """The records of one layer, oldest first."""
+
+    def __init__(self):
+        self._records = deque(maxlen=CAPACITY)
+
+    def __len__(self):
+        return len(self._records)
+
+    def add(self, record: Record) -> None:
+        self._records.append(record)
+
+    def take(self, own_mean: torch.Tensor, own_var: torch.Tensor, count: int) -> Optional[Record]:
+        """Remove and return the record of the forward whose input had these statistics: the
+        oldest bit-identical one, else (a recomputation that is not bit-exact, e.g. some GPU
+        kernels) the closest within a relative 1e-4, else None."""
+        best, best_error = None, None
+        for index, record in enumerate(self._records):
+            if record.count != count or record.own_mean.shape != own_mean.shape:
+                continue
+            if torch.equal(record.own_mean, own_mean) and torch.equal(record.own_var, own_var):
+                best = index
+                break
+            error = max(_relative_error(record.own_mean, own_mean),
+                        _relative_error(record.own_var, own_var))
+            if error <= 1e-4 and (best_error is None or error < best_error):
+                best, best_error = index, error
+        if best is None:
+            return None
+        record = self._records[best]
+        del self._records[best]
+        return record
+
+
+def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a - b).abs() / (1 + b.abs())).max())
