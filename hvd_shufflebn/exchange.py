@@ -94,8 +94,9 @@ class HorovodTransport(_Transport):
             sums_handle = hvd.allreduce_async(stage(sums), op=hvd.Sum, name=name + ".sum",
                                               process_set=self.process_set)
             everyone = "the sum over all ranks"
+            summed_header = self._wait(header_handle, context, everyone)
             try:
-                check(self._wait(header_handle, context, everyone))
+                check(summed_header)
             except ShuffleBatchNormError:
                 self._drain(moved, sums_handle, context=context)
                 raise
