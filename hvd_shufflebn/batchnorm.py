@@ -107,6 +107,9 @@ class ShuffleBatchNorm(_BatchNorm):
         return (f"{super().extra_repr()}, permutation={self.permutation!r}, "
                 f"transport={self.transport!r}, name={self.name!r}")
 
+    # torch.compile compiles the model around the layer, not through it: the layer talks to the
+    # other ranks and keeps Python state (records, the step), which a traced graph would freeze.
+    @torch.compiler.disable
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self.training and self.running_mean is not None:
             # Eval with running statistics: purely local, like torch.nn.BatchNorm.

@@ -390,6 +390,175 @@ def case_transport_choice():
                      "transport='mpi' needs Horovod running on MPI")
 
 
+def alternating(step, size):
+    """Identity on even steps, a shift on odd ones: differs from step to step at every size, so a
+    recomputation that used the wrong step cannot go unnoticed."""
+    return list(range(size)) if step % 2 == 0 else [(r + 1) % size for r in range(size)]
+
+
+def case_checkpoint_recompute():
+    """Under torch.utils.checkpoint (reentrant and not), the recomputed forward replays the
+    original: outputs and gradients equal the float64 reference of the permutation the ORIGINAL
+    forward used, running statistics and the step advance once per real forward."""
+    from torch.utils.checkpoint import checkpoint
+    for reentrant in (False, True):
+        for spec in (alternating, "random"):
+            layer = ShuffleBN(3, momentum=0.5, permutation=spec, seed=3, dtype=torch.float64)
+            with torch.no_grad():
+                layer.weight.uniform_(0.5, 1.5)
+                layer.bias.uniform_(-0.5, 0.5)
+            for step in range(3):
+                x = make_input((4, 3, 5), torch.float64, seed=100 * step + 7 * RANK)
+                dy = make_input(x.shape, torch.float64, seed=300 + 100 * step + RANK,
+                                requires_grad=False)
+                before = (layer.running_mean.clone(), layer.running_var.clone(), layer.step)
+                layer.weight.grad = layer.bias.grad = None
+                # The doubling around the layer makes the checkpointed block more than the layer.
+                y = checkpoint(lambda t: layer(t * 2.0) * 0.5, x, use_reentrant=reentrant)
+                perm = layer.last_permutation
+                y.backward(dy)
+                assert layer.step == before[2] + 1, "the recomputation advanced the step"
+                assert perm == tuple(permutation_for_test(spec, layer.seed, before[2])), perm
+                everyone = gather(dict(x=x.detach() * 2.0, dy=dy * 0.5, w=layer.weight.detach(),
+                                       b=layer.bias.detach(), perm=perm))
+                assert all(e["perm"] == perm for e in everyone)
+                ys, dxs, dws, dbs = reference([e["x"] for e in everyone],
+                                              [e["dy"] for e in everyone],
+                                              [e["w"] for e in everyone],
+                                              [e["b"] for e in everyone], perm, layer.eps)
+                what = f"checkpoint(use_reentrant={reentrant}), step {step}"
+                close(y, ys[RANK] * 0.5, torch.float64, f"output, {what}")
+                close(x.grad, dxs[RANK] * 2.0, torch.float64, f"input gradient, {what}")
+                close(layer.weight.grad, dws[RANK], torch.float64, f"weight gradient, {what}")
+                close(layer.bias.grad, dbs[RANK], torch.float64, f"bias gradient, {what}")
+                mean, var = reference_running([e["x"] for e in everyone], before[0], before[1],
+                                              layer.momentum)
+                close(layer.running_mean, mean, torch.float32, f"running_mean, {what}")
+                close(layer.running_var, var, torch.float32, f"running_var, {what}")
+            assert len(layer._records) == 0, "a record was left behind"
+
+    # A block of two layers, checkpointed, against the same block without checkpointing.
+    def block():
+        torch.manual_seed(5)
+        conv = torch.nn.Conv1d(3, 4, 3).double()
+        model = torch.nn.Sequential(conv, ShuffleBN(4, permutation=alternating, dtype=torch.float64),
+                                    torch.nn.Tanh(), torch.nn.Conv1d(4, 2, 1).double(),
+                                    ShuffleBN(2, permutation="random", seed=9,
+                                              dtype=torch.float64))
+        return model
+    plain, checkpointed = block(), block()
+    for step in range(3):
+        outputs = []
+        for model, mode in ((plain, None), (checkpointed, False), (checkpointed, True)):
+            if mode is not None and step % 2 != int(mode):
+                continue  # alternate the two checkpoint flavours over the steps
+            x = make_input((3, 3, 6), torch.float64, seed=50 * step + RANK)
+            y = model(x) if mode is None else checkpoint(model, x, use_reentrant=mode)
+            y.backward(make_input(y.shape, torch.float64, seed=70 * step + RANK,
+                                  requires_grad=False))
+            outputs.append((y.detach(), x.grad, [p.grad.clone() for p in model.parameters()],
+                            [m.running_mean.clone() for m in model if isinstance(m, ShuffleBatchNorm)]))
+            for p in model.parameters():
+                p.grad = None
+        (y0, dx0, g0, r0), (y1, dx1, g1, r1) = outputs
+        close(y1, y0, torch.float64, f"checkpointed block output, step {step}")
+        close(dx1, dx0, torch.float64, f"checkpointed block input gradient, step {step}")
+        for a, b in zip(g1 + r1, g0 + r0):
+            close(a, b, torch.float64, f"checkpointed block parameter gradients and running "
+                  f"statistics, step {step}")
+    assert [m.step for m in checkpointed if isinstance(m, ShuffleBatchNorm)] == [3, 3]
+
+
+def permutation_for_test(spec, seed, step):
+    from hvd_shufflebn.permutation import permutation_for
+    return permutation_for(spec, seed, step, SIZE)
+
+
+def case_several_forwards_before_backward():
+    """MoCo v3's symmetric loss, multi-crop: the same layer on several inputs, one backward."""
+    layer = ShuffleBN(3, permutation=alternating, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+    xs = [make_input((n, 3, 4), torch.float64, seed=10 * i + RANK) for i, n in enumerate((4, 2, 3))]
+    dys = [make_input(x.shape, torch.float64, seed=40 + 10 * i + RANK, requires_grad=False)
+           for i, x in enumerate(xs)]
+    ys, perms = [], []
+    for x in xs:
+        ys.append(layer(x))
+        perms.append(layer.last_permutation)
+    sum((y * dy).sum() for y, dy in zip(ys, dys)).backward()
+    assert len(set(perms)) > 1, perms
+    dw = db = 0
+    for i, (x, dy, y, perm) in enumerate(zip(xs, dys, ys, perms)):
+        everyone = gather(dict(x=x.detach(), dy=dy, w=layer.weight.detach(),
+                               b=layer.bias.detach()))
+        ref_y, ref_dx, ref_dw, ref_db = reference([e["x"] for e in everyone],
+                                                  [e["dy"] for e in everyone],
+                                                  [e["w"] for e in everyone],
+                                                  [e["b"] for e in everyone], perm, layer.eps)
+        close(y, ref_y[RANK], torch.float64, f"output of forward {i}")
+        close(x.grad, ref_dx[RANK], torch.float64, f"input gradient of forward {i}")
+        dw, db = dw + ref_dw[RANK], db + ref_db[RANK]
+    close(layer.weight.grad, dw, torch.float64, "weight gradient summed over the forwards")
+    close(layer.bias.grad, db, torch.float64, "bias gradient summed over the forwards")
+
+
+def case_autocast_bfloat16():
+    """torch.autocast with bfloat16 (CPU here): a conv's bfloat16 output into the layer."""
+    torch.manual_seed(1)
+    conv = torch.nn.Conv2d(2, 3, 1)
+    layer = ShuffleBN(3)
+    x = make_input((3, 2, 4, 4), torch.float32, seed=RANK)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = conv(x)
+        assert h.dtype == torch.bfloat16
+        h.retain_grad()
+        y = layer(h)
+    assert y.dtype == torch.bfloat16, y.dtype
+    dy = make_input(y.shape, torch.float32, seed=9 + RANK, requires_grad=False)
+    y.float().backward(dy)
+    everyone = gather(dict(h=h.detach(), dy=dy, w=layer.weight.detach(), b=layer.bias.detach()))
+    ref_y, ref_dh, _, _ = reference([e["h"] for e in everyone], [e["dy"] for e in everyone],
+                                    [e["w"] for e in everyone], [e["b"] for e in everyone],
+                                    layer.last_permutation, layer.eps)
+    close(y, ref_y[RANK], torch.bfloat16, "autocast output")
+    close(h.grad, ref_dh[RANK], torch.bfloat16, "autocast input gradient")
+
+
+def case_deepcopy_and_whole_model_save():
+    """MoCo builds the key encoder with copy.deepcopy; whole models are torch.save'd."""
+    import copy
+    import io
+    model = convert_shuffle_batchnorm(torch.nn.Sequential(torch.nn.Conv1d(2, 3, 1),
+                                                          torch.nn.BatchNorm1d(3)),
+                                      transport=TRANSPORT, permutation=alternating)
+    model[0].double()
+    model[1].double()
+    key = copy.deepcopy(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for copy_ in (key, loaded):
+        layer = copy_[1]
+        assert layer.process_set is hvd.global_process_set
+        assert layer.step == model[1].step and layer.name == model[1].name
+    for i, net in enumerate((model, key, loaded)):
+        layer = net[1]
+        x = make_input((4, 2, 3), torch.float64, seed=20 * i + RANK)
+        if net is key:
+            with torch.no_grad():  # the key encoder's way
+                y = net(x.detach())
+        else:
+            y = net(x)
+        h = net[0](x.detach()).detach()
+        everyone = gather(dict(h=h, w=layer.weight.detach(), b=layer.bias.detach()))
+        ref_y, _, _, _ = reference([e["h"] for e in everyone], [torch.zeros_like(h)] * SIZE,
+                                   [e["w"] for e in everyone], [e["b"] for e in everyone],
+                                   layer.last_permutation, layer.eps)
+        close(y, ref_y[RANK], torch.float64, f"output of model {i} (original, deepcopy, loaded)")
+
+
 CASES = {name[len("case_"):]: fn for name, fn in sorted(globals().items())
          if name.startswith("case_")}
 PROCESS_SETS = []

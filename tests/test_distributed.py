@@ -1,5 +1,7 @@
 """The distributed checks of dist_worker.py at several world sizes, with both controllers and both
 transports (under mpirun, "auto" is the MPI transport; under Gloo, the Horovod one)."""
+import json
+
 import pytest
 
 from dist_worker import CASES
@@ -20,3 +22,27 @@ def test_layer_matches_float64_reference(launcher, ranks, transport, tmp_path):
     assert done.returncode == 0, f"a rank failed (exit {done.returncode})"
     passed = [line for line in done.stdout.splitlines() if "PASS " in line]
     assert len(passed) == len(CASES), f"expected {len(CASES)} passing cases, saw {len(passed)}"
+
+
+@pytest.mark.mpi
+def test_resume_replays_the_permutations(tmp_path):
+    """Steps 0-2, save, then a NEW process loads and runs steps 3-5: the same permutations (and
+    running statistics) as one uninterrupted run of steps 0-5. 4 ranks: 9 derangements."""
+    script = ROOT / "tests" / "resume_worker.py"
+    for mode in ("full", "first", "resume"):
+        done = run("mpirun", 4, script, mode, str(tmp_path))
+        assert done.returncode == 0, f"{mode} run failed (exit {done.returncode})"
+    full, first, resumed = (json.loads((tmp_path / f"{m}.json").read_text())
+                            for m in ("full", "first", "resume"))
+    assert {**first["permutations"], **resumed["permutations"]} == full["permutations"]
+    assert resumed["steps"] == full["steps"] == [6, 6]
+    assert resumed["running_mean"] == full["running_mean"]
+    # The check means something: the permutations do change from step to step.
+    assert len({str(p) for p in full["permutations"].values()}) > 1
+
+
+@pytest.mark.mpi
+def test_torch_compile_matches_eager():
+    done = run("mpirun", 2, ROOT / "tests" / "compile_worker.py")
+    assert done.returncode == 0, f"a rank failed (exit {done.returncode})"
+    assert "PASS torch.compile matches eager" in done.stdout

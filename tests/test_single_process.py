@@ -138,3 +138,62 @@ def test_callable_permutation_is_validated_each_step():
 def test_single_rank_is_plain_batchnorm_with_one_warning():
     done = run("mpirun", 1, ROOT / "tests" / "single_rank_worker.py")
     assert done.returncode == 0 and "PASS single rank" in done.stdout
+
+
+def test_step_is_saved_without_new_state_dict_keys(tmp_path):
+    """The permutation step travels with the state: num_batches_tracked when tracking, the state
+    dict's metadata otherwise; both still load strictly into plain BatchNorm and back."""
+    tracked, untracked = ShuffleBatchNorm(3), ShuffleBatchNorm(3, track_running_stats=False)
+    tracked.num_batches_tracked.fill_(12)
+    assert tracked.step == 12
+    tracked.step = 13
+    assert int(tracked.num_batches_tracked) == 13
+    untracked.step = 21
+    for layer, plain in ((tracked, nn.BatchNorm1d(3)),
+                         (untracked, nn.BatchNorm1d(3, track_running_stats=False))):
+        path = tmp_path / "state.pt"
+        torch.save(layer.state_dict(), path)
+        fresh = ShuffleBatchNorm(3, track_running_stats=layer.track_running_stats)
+        fresh.load_state_dict(torch.load(path), strict=True)
+        assert fresh.step == layer.step
+        plain.load_state_dict(torch.load(path), strict=True)  # no new keys
+        assert list(plain.state_dict()) == list(layer.state_dict())
+        fresh.load_state_dict(plain.state_dict(), strict=True)
+    assert untracked.step == 21
+
+
+def test_timeout_from_argument_or_environment(monkeypatch):
+    from hvd_shufflebn.waits import DEFAULT_TIMEOUT, TIMEOUT_ENV
+    monkeypatch.delenv(TIMEOUT_ENV, raising=False)
+    assert ShuffleBatchNorm(2).timeout == DEFAULT_TIMEOUT
+    monkeypatch.setenv(TIMEOUT_ENV, "42.5")
+    assert ShuffleBatchNorm(2).timeout == 42.5
+    assert ShuffleBatchNorm(2, timeout=3).timeout == 3.0
+    for bad in ("0", "-1", "soon", "nan"):
+        monkeypatch.setenv(TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match=TIMEOUT_ENV):
+            ShuffleBatchNorm(2)
+    monkeypatch.delenv(TIMEOUT_ENV)
+    with pytest.raises(ValueError, match="timeout"):
+        ShuffleBatchNorm(2, timeout=0)
+
+
+def test_recompute_records_match_by_statistics():
+    from hvd_shufflebn.recompute import CAPACITY, Record, Records
+    records = Records()
+    mean = torch.tensor([1.0, 2.0])
+
+    def record(step, m, count=4):
+        return Record(step, (1, 0), count, m, m + 1, m * 0, m * 0)
+    records.add(record(0, mean))
+    records.add(record(1, mean + 1))
+    records.add(record(2, mean))  # the same input twice: the older one is replayed first
+    assert records.take(mean + 1, mean + 2, 4).step == 1
+    assert records.take(mean, mean + 1, 5) is None  # another count
+    assert records.take(mean * (1 + 1e-7), mean * (1 + 1e-7) + 1, 4).step == 0  # not bit-exact
+    assert records.take(mean, mean + 1, 4).step == 2
+    assert records.take(mean, mean + 1, 4) is None and len(records) == 0
+    assert records.take(mean * 1.01, mean + 1, 4) is None
+    for step in range(CAPACITY + 5):
+        records.add(record(step, mean + step))
+    assert len(records) == CAPACITY and records.take(mean, mean + 1, 4) is None  # oldest dropped

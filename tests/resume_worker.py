@@ -1,0 +1,51 @@
+"""Resuming from a checkpoint replays the permutations of the run it continues.
+
+    mpirun -np 3 python tests/resume_worker.py full   DIR   # 6 steps in one go
+    mpirun -np 3 python tests/resume_worker.py first  DIR   # steps 0-2, then save
+    mpirun -np 3 python tests/resume_worker.py resume DIR   # a new process loads, steps 3-5
+
+Each run writes, from rank 0, the permutation every layer used at every step and the final
+running statistics (DIR/<mode>.json); test_distributed.py compares them.
+"""
+import json
+import os
+import sys
+
+import torch
+
+import horovod.torch as hvd
+from hvd_shufflebn import ShuffleBatchNorm, convert_shuffle_batchnorm
+
+
+def build():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv1d(2, 4, 1), torch.nn.BatchNorm1d(4),
+                                torch.nn.Conv1d(4, 3, 1),
+                                torch.nn.BatchNorm1d(3, track_running_stats=False))
+    return convert_shuffle_batchnorm(model, permutation="derangement", seed=5)
+
+
+def main(mode, directory):
+    torch.set_num_threads(1)
+    hvd.init()
+    model = build()
+    steps = {"full": range(6), "first": range(3), "resume": range(3, 6)}[mode]
+    checkpoint = os.path.join(directory, f"rank{hvd.rank()}.pt")
+    if mode == "resume":
+        model.load_state_dict(torch.load(checkpoint), strict=True)
+    layers = [m for m in model.modules() if isinstance(m, ShuffleBatchNorm)]
+    used = {}
+    for step in steps:
+        g = torch.Generator().manual_seed(100 * step + hvd.rank())
+        model(torch.randn(5, 2, 3, generator=g)).sum().backward()
+        used[step] = [list(layer.last_permutation) for layer in layers]
+    if mode == "first":
+        torch.save(model.state_dict(), checkpoint)
+    if hvd.rank() == 0:
+        with open(os.path.join(directory, f"{mode}.json"), "w") as f:
+            json.dump({"permutations": used, "steps": [layer.step for layer in layers],
+                       "running_mean": layers[0].running_mean.tolist()}, f)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
