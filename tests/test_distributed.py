@@ -1,5 +1,6 @@
-"""The distributed checks of dist_worker.py at several world sizes, with both controllers and both
-transports (under mpirun, "auto" is the MPI transport; under Gloo, the Horovod one)."""
+"""The distributed checks of dist_worker.py at several world sizes, with both Horovod controllers,
+all three multi-process transports (under mpirun, "auto" is the MPI transport; under Horovod's
+Gloo, the Horovod one; under torchrun, torch.distributed on Gloo)."""
 import json
 
 import pytest
@@ -15,6 +16,7 @@ WORKER = ROOT / "tests" / "dist_worker.py"
     ("mpirun", 2, "auto"), ("mpirun", 3, "auto"), ("mpirun", 4, "auto"), ("mpirun", 8, "auto"),
     ("mpirun", 2, "horovod"), ("mpirun", 4, "horovod"),
     ("horovodrun-gloo", 3, "auto"), ("horovodrun-mpi", 2, "mpi"),
+    ("torchrun", 2, "auto"), ("torchrun", 3, "torch.distributed"), ("torchrun", 4, "auto"),
 ])
 def test_layer_matches_float64_reference(launcher, ranks, transport, tmp_path):
     done = run(launcher, ranks, WORKER, SHUFFLEBN_TEST_DIR=str(tmp_path),
