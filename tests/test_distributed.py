@@ -48,3 +48,15 @@ def test_torch_compile_matches_eager():
     done = run("mpirun", 2, ROOT / "tests" / "compile_worker.py")
     assert done.returncode == 0, f"a rank failed (exit {done.returncode})"
     assert "PASS torch.compile matches eager" in done.stdout
+
+
+@pytest.mark.mpi
+def test_lightning_plugin_trains_with_shuffled_statistics():
+    """Trainer(strategy="ddp", plugins=[ShuffleBatchNormPlugin()]), 2 CPU processes."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "lightning_worker.py")], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    print(done.stdout)
+    assert done.returncode == 0
+    assert "PASS lightning rank 0" in done.stdout and "PASS lightning rank 1" in done.stdout
