@@ -27,12 +27,13 @@ def test_layer_matches_float64_reference(launcher, ranks, transport, tmp_path):
 
 
 @pytest.mark.mpi
-def test_resume_replays_the_permutations(tmp_path):
+@pytest.mark.parametrize("launcher", ["mpirun", "torchrun"])
+def test_resume_replays_the_permutations(launcher, tmp_path):
     """Steps 0-2, save, then a NEW process loads and runs steps 3-5: the same permutations (and
     running statistics) as one uninterrupted run of steps 0-5. 4 ranks: 9 derangements."""
     script = ROOT / "tests" / "resume_worker.py"
     for mode in ("full", "first", "resume"):
-        done = run("mpirun", 4, script, mode, str(tmp_path))
+        done = run(launcher, 4, script, mode, str(tmp_path))
         assert done.returncode == 0, f"{mode} run failed (exit {done.returncode})"
     full, first, resumed = (json.loads((tmp_path / f"{m}.json").read_text())
                             for m in ("full", "first", "resume"))

@@ -60,3 +60,15 @@ def test_benchmark_smoke_runs_every_variant():
                           stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT)
     print(done.stdout)
     assert done.returncode == 0 and "wrote " in done.stdout
+
+
+def test_one_process_example_needs_no_launcher():
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "one_process.py"),
+                           "--epochs", "2"], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT)
+    print(done.stdout)
+    assert done.returncode == 0
+    perm = re.search(r"p = \(([\d, ]+)\)", done.stdout)
+    assert perm and all(int(v) != g for g, v in enumerate(perm.group(1).split(",")))
+    losses = [float(v) for v in re.findall(r"epoch \d+/2: loss ([0-9.]+)", done.stdout)]
+    assert len(losses) == 2 and losses[1] < losses[0], losses
