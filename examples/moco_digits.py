@@ -174,13 +174,13 @@ def report_first_step(key_encoder, bn):
                         * module.weight + module.bias)
             gap = (out_mean - expected).abs().max().item()
             say(f"rank {rank}: own mean[0:3]={fmt(own_mean)} normalised with rank {src}'s "
-                  f"mean[0:3]={fmt(used)}; output mean[0:3]={fmt(out_mean)} "
-                  f"(max |output mean - expected from rank {src}'s stats| = {gap:.1e})")
+                f"mean[0:3]={fmt(used)}; output mean[0:3]={fmt(out_mean)} "
+                f"(max |output mean - expected from rank {src}'s stats| = {gap:.1e})")
         else:
             used = means.mean(0) if bn == "sync" else own_mean
             say(f"rank {rank}: own mean[0:3]={fmt(own_mean)} ({bn} BN: normalised with "
-                  f"{'the global' if bn == 'sync' else 'its own'} mean[0:3]={fmt(used)}); "
-                  f"output mean[0:3]={fmt(out_mean)}")
+                f"{'the global' if bn == 'sync' else 'its own'} mean[0:3]={fmt(used)}); "
+                f"output mean[0:3]={fmt(out_mean)}")
 
     handle = layer.register_forward_hook(hook)
 
@@ -251,9 +251,9 @@ def main():
                                                 data[2].flatten(1), data[3])
         record["epochs"].append({"epoch": 0, "knn_acc": evaluate(query, data)})
         say(f"{args.bn} BN key encoder, {size} ranks x batch {args.batch_size}, "
-              f"{len(x_train)} train / {len(data[3])} test digits, {steps_per_epoch} steps/epoch; "
-              f"k-NN acc: raw pixels {record['knn_raw_pixels']:.3f}, "
-              f"untrained encoder {record['epochs'][0]['knn_acc']:.3f}")
+            f"{len(x_train)} train / {len(data[3])} test digits, {steps_per_epoch} steps/epoch; "
+            f"k-NN acc: raw pixels {record['knn_raw_pixels']:.3f}, "
+            f"untrained encoder {record['epochs'][0]['knn_acc']:.3f}")
 
     report_first_step(key, args.bn)
     bar = tqdm(total=total_steps, disable=rank != 0, mininterval=2, desc=f"moco[{args.bn}]")
@@ -305,7 +305,7 @@ def main():
                 "elapsed_seconds": now - start})
             bar.set_postfix(loss=f"{stats[0]:.3f}", knn=f"{knn:.3f}")
             say(f"epoch {epoch:3d}/{args.epochs}: loss {stats[0]:.4f}  pretext acc "
-                  f"{stats[1]:.3f}  kNN acc {knn:.3f}  ({now - epoch_start:.1f}s)")
+                f"{stats[1]:.3f}  kNN acc {knn:.3f}  ({now - epoch_start:.1f}s)")
             save(record, args.out)
     bar.close()
 
@@ -321,8 +321,7 @@ def main():
         ref = epochs[min(math.ceil(fill_steps / steps_per_epoch), len(epochs) - 1)]
         fell = epochs[-1]["loss"] < ref["loss"]
         say(f"done in {record['train_seconds']:.1f}s: final loss {epochs[-1]['loss']:.4f}, "
-              f"pretext acc {epochs[-1]['pretext_acc']:.3f}, kNN acc {epochs[-1]['knn_acc']:.3f}",
-              flush=True)
+            f"pretext acc {epochs[-1]['pretext_acc']:.3f}, kNN acc {epochs[-1]['knn_acc']:.3f}")
         if args.quick:
             verdict = None if finite and fell else (
                 "diverged (NaN/inf in the metrics)" if not finite else

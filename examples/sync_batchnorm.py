@@ -185,12 +185,12 @@ def _check_against_single_process():
         worst = max(worst, *maxes.values())
         if rank == 0:
             say(f"input (N,{C}{''.join(',' + str(s) for s in shape_tail)}), {size} ranks, "
-                  "max abs error over ranks: "
-                  + ", ".join(f"{k}={v:.2e}" for k, v in maxes.items()))
+                "max abs error over ranks: "
+                + ", ".join(f"{k}={v:.2e}" for k, v in maxes.items()))
     ok = worst < 1e-10
     if rank == 0:
         say(f"SyncBatchNorm check {'PASSED' if ok else 'FAILED'}: max abs error {worst:.2e} "
-              "(float64, tolerance 1e-10)")
+            "(float64, tolerance 1e-10)")
     sys.exit(0 if ok else 1)
 
 

@@ -29,7 +29,7 @@ def show_shuffle_once(layer):
             for r, mean in enumerate(everyone):
                 u = module.last_permutation[r]
                 say(f"  rank {r}: own mean[:3] = {fmt(mean)}   normalised with rank {u}'s "
-                      f"mean[:3] = {fmt(everyone[u])}")
+                    f"mean[:3] = {fmt(everyone[u])}")
     handle = layer.register_forward_hook(hook)
 
 
@@ -80,8 +80,8 @@ def main():
                                  op=hvd.Sum, name="demo.accuracy")
         if hvd.rank() == 0:
             say(f"epoch {epoch + 1}/{args.epochs}: loss {total[0] / total[1]:.4f}, "
-                  f"train accuracy (eval mode, running statistics) "
-                  f"{accuracy[0] / accuracy[1]:.3f}")
+                f"train accuracy (eval mode, running statistics) "
+                f"{accuracy[0] / accuracy[1]:.3f}")
 
 
 if __name__ == "__main__":

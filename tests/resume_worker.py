@@ -47,6 +47,11 @@ def main(mode, directory):
         g = torch.Generator().manual_seed(100 * step + rank)
         model(torch.randn(5, 2, 3, generator=g)).sum().backward()
         used[step] = [list(layer.last_permutation) for layer in layers]
+    # Every rank is done before any leaves: a rank that leaves early shuts Horovod down for all.
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        dist.barrier()
+    else:
+        hvd.allreduce(torch.zeros(1), name="resume.done")
     if mode == "first":
         torch.save(model.state_dict(), checkpoint)
     if rank == 0:

@@ -7,6 +7,7 @@ from typing import Dict
 
 import torch
 
+from ..errors import ShuffleBatchNormError
 from ..waits import wait_until
 from .base import Transport, empty_rows
 
@@ -50,6 +51,11 @@ class MPITransport(Transport):
 
     def _wait(self, requests, context, waiting_for):
         from mpi4py import MPI
+        if MPI.Is_finalized():  # Horovod shut MPI down: another rank finished or failed
+            raise ShuffleBatchNormError(
+                f"ShuffleBatchNorm {context.layer!r}, step {context.step}, {context.phase}: MPI "
+                "has been finalised (Horovod shuts down on every rank when one rank finishes or "
+                "fails), so the exchange cannot run")
         # Yield the core between polls: the ranks' main threads share the cores with Horovod's
         # background threads, and a busy-waiting MPI_Wait starves them (measured on 2 cores,
         # 2 ranks: about 2x the latency); with a core to spare, the yield returns at once.
