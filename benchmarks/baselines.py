@@ -7,6 +7,7 @@
 """
 import importlib.util
 import itertools
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -26,6 +27,8 @@ def load_sync_batchnorm():
     path = ROOT / "examples" / "sync_batchnorm.py"
     if not path.exists():
         return None
+    if str(path.parent) not in sys.path:  # it imports its neighbour examples/common.py
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location("sync_batchnorm_example", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

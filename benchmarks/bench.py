@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import baselines  # noqa: E402
 from models import MODELS  # noqa: E402
 from hvd_shufflebn import ShuffleBatchNorm, convert_shuffle_batchnorm  # noqa: E402
-from hvd_shufflebn import exchange  # noqa: E402
+from hvd_shufflebn.transports import mpi as mpi_transport  # noqa: E402
 
 SYNC_BN = baselines.load_sync_batchnorm()
 
@@ -77,7 +77,7 @@ def shuffle_transports():
     if "transport" not in inspect.signature(ShuffleBatchNorm.__init__).parameters:
         return {"horovod": {}}
     found = {"horovod": {"transport": "horovod"}}
-    if getattr(exchange, "mpi_usable", lambda: False)():
+    if mpi_transport.usable():
         found["mpi"] = {"transport": "mpi"}
     return found
 
@@ -226,34 +226,39 @@ class Loopback:
     """A transport that communicates nothing: rank 0 of 2 whose partner holds the same batch."""
     rank, size, broken = 0, 2, None
 
-    def exchange(self, name, row, dest, source, context, header=None, sums=None, check=None):
+    def exchange(self, name, rows, expect, width, device, context, header=None, sums=None,
+                 check=None):
         if header is not None:
             check(header * 2)
             sums = sums * 2
-        return row.clone(), sums
+        return {source: rows[source] for source in expect}, sums
 
 
 def shuffle_without_communication(c, x, dy):
     """ShuffleBatchNorm's forward+backward with the Loopback transport: the layer's own math and
     Python, i.e. the part of its overhead that is not the exchange. Uses the library's internal
-    functions (as of the timeout option); None if they have changed."""
+    functions (as of groups_per_rank); None if they have changed."""
     try:
         from hvd_shufflebn.agreement import Report
         from hvd_shufflebn.functional import (ShuffleBatchNormFunction, exchange_statistics,
                                               local_statistics, update_running_stats)
+        from hvd_shufflebn.routing import route
         from hvd_shufflebn.waits import WaitContext
         layer = ShuffleBatchNorm(c)
         w, b = layer.weight, layer.bias
         transport, context = Loopback(), WaitContext("local", 0, "forward", 60.0)
+        perm = (1, 0)
 
         def run():
-            mean, var, count = local_statistics(x, c)
-            report = Report("local", None, (1, 0), True, c)
-            borrowed_mean, borrowed_var, summed = exchange_statistics(transport, report, mean, var,
-                                                                      count, context)
+            mean, var, counts = local_statistics(x, c, [x.shape[0]])
+            report = Report("local", None, perm, True, c)
+            path = route(perm, 0, 1)
+            borrowed_mean, borrowed_var, summed = exchange_statistics(
+                transport, report, path, mean, var, counts, context)
             update_running_stats(layer.running_mean, layer.running_var, summed, 0.1)
-            y = ShuffleBatchNormFunction.apply(x, w, b, mean, borrowed_mean, borrowed_var, count,
-                                               1e-5, (1, 0), transport, context)
+            y = ShuffleBatchNormFunction.apply(x, w, b, mean, borrowed_mean, borrowed_var,
+                                               [x.shape[0]], counts, 1e-5, path, True, transport,
+                                               context)
             torch.autograd.grad(y, [x, w, b], dy)
         run()
         return run

@@ -32,6 +32,7 @@ from tqdm import tqdm
 # take hundreds of milliseconds; yielding keeps them at a few milliseconds.
 os.environ.setdefault("OMPI_MCA_mpi_yield_when_idle", "1")
 import horovod.torch as hvd  # noqa: E402
+from common import say  # noqa: E402
 
 N_TEST = 500      # held-out digits; the split is fixed (SPLIT_SEED) so every run sees the same
 SPLIT_SEED = 0
@@ -172,14 +173,14 @@ def report_first_step(key_encoder, bn):
             expected = ((own_mean - used) / torch.sqrt(used_var + module.eps)
                         * module.weight + module.bias)
             gap = (out_mean - expected).abs().max().item()
-            print(f"rank {rank}: own mean[0:3]={fmt(own_mean)} normalised with rank {src}'s "
-                  f"mean[0:3]={fmt(used)}; output mean[0:3]={fmt(out_mean)} "
-                  f"(max |output mean - expected from rank {src}'s stats| = {gap:.1e})", flush=True)
+            say(f"rank {rank}: own mean[0:3]={fmt(own_mean)} normalised with rank {src}'s "
+                f"mean[0:3]={fmt(used)}; output mean[0:3]={fmt(out_mean)} "
+                f"(max |output mean - expected from rank {src}'s stats| = {gap:.1e})")
         else:
             used = means.mean(0) if bn == "sync" else own_mean
-            print(f"rank {rank}: own mean[0:3]={fmt(own_mean)} ({bn} BN: normalised with "
-                  f"{'the global' if bn == 'sync' else 'its own'} mean[0:3]={fmt(used)}); "
-                  f"output mean[0:3]={fmt(out_mean)}", flush=True)
+            say(f"rank {rank}: own mean[0:3]={fmt(own_mean)} ({bn} BN: normalised with "
+                f"{'the global' if bn == 'sync' else 'its own'} mean[0:3]={fmt(used)}); "
+                f"output mean[0:3]={fmt(out_mean)}")
 
     handle = layer.register_forward_hook(hook)
 
@@ -249,10 +250,10 @@ def main():
         record["knn_raw_pixels"] = knn_accuracy(data[0].flatten(1), data[1],
                                                 data[2].flatten(1), data[3])
         record["epochs"].append({"epoch": 0, "knn_acc": evaluate(query, data)})
-        print(f"{args.bn} BN key encoder, {size} ranks x batch {args.batch_size}, "
-              f"{len(x_train)} train / {len(data[3])} test digits, {steps_per_epoch} steps/epoch; "
-              f"k-NN acc: raw pixels {record['knn_raw_pixels']:.3f}, "
-              f"untrained encoder {record['epochs'][0]['knn_acc']:.3f}", flush=True)
+        say(f"{args.bn} BN key encoder, {size} ranks x batch {args.batch_size}, "
+            f"{len(x_train)} train / {len(data[3])} test digits, {steps_per_epoch} steps/epoch; "
+            f"k-NN acc: raw pixels {record['knn_raw_pixels']:.3f}, "
+            f"untrained encoder {record['epochs'][0]['knn_acc']:.3f}")
 
     report_first_step(key, args.bn)
     bar = tqdm(total=total_steps, disable=rank != 0, mininterval=2, desc=f"moco[{args.bn}]")
@@ -303,8 +304,8 @@ def main():
                 "knn_acc": knn, "lr": lr, "epoch_seconds": now - epoch_start,
                 "elapsed_seconds": now - start})
             bar.set_postfix(loss=f"{stats[0]:.3f}", knn=f"{knn:.3f}")
-            print(f"epoch {epoch:3d}/{args.epochs}: loss {stats[0]:.4f}  pretext acc "
-                  f"{stats[1]:.3f}  kNN acc {knn:.3f}  ({now - epoch_start:.1f}s)", flush=True)
+            say(f"epoch {epoch:3d}/{args.epochs}: loss {stats[0]:.4f}  pretext acc "
+                f"{stats[1]:.3f}  kNN acc {knn:.3f}  ({now - epoch_start:.1f}s)")
             save(record, args.out)
     bar.close()
 
@@ -319,9 +320,8 @@ def main():
         fill_steps = math.ceil(args.queue / (size * args.batch_size))
         ref = epochs[min(math.ceil(fill_steps / steps_per_epoch), len(epochs) - 1)]
         fell = epochs[-1]["loss"] < ref["loss"]
-        print(f"done in {record['train_seconds']:.1f}s: final loss {epochs[-1]['loss']:.4f}, "
-              f"pretext acc {epochs[-1]['pretext_acc']:.3f}, kNN acc {epochs[-1]['knn_acc']:.3f}",
-              flush=True)
+        say(f"done in {record['train_seconds']:.1f}s: final loss {epochs[-1]['loss']:.4f}, "
+            f"pretext acc {epochs[-1]['pretext_acc']:.3f}, kNN acc {epochs[-1]['knn_acc']:.3f}")
         if args.quick:
             verdict = None if finite and fell else (
                 "diverged (NaN/inf in the metrics)" if not finite else
@@ -330,10 +330,10 @@ def main():
     verdict = hvd.broadcast_object(verdict, root_rank=0, name="verdict")
     if verdict:
         if rank == 0:
-            print(f"--quick check FAILED: {verdict}", file=sys.stderr, flush=True)
+            say(f"--quick check FAILED: {verdict}", stream=sys.stderr)
         sys.exit(1)
     if args.quick and rank == 0:
-        print("--quick check passed: the loss fell and stayed finite", flush=True)
+        say("--quick check passed: the loss fell and stayed finite")
 
 
 if __name__ == "__main__":

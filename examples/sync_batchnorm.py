@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import horovod.torch as hvd
+from common import say
 
 
 _layer_ids = itertools.count()
@@ -183,13 +184,13 @@ def _check_against_single_process():
         maxes = {k: max(e[k] for e in gathered) for k in errors}
         worst = max(worst, *maxes.values())
         if rank == 0:
-            print(f"input (N,{C}{''.join(',' + str(s) for s in shape_tail)}), {size} ranks, "
-                  "max abs error over ranks: "
-                  + ", ".join(f"{k}={v:.2e}" for k, v in maxes.items()), flush=True)
+            say(f"input (N,{C}{''.join(',' + str(s) for s in shape_tail)}), {size} ranks, "
+                "max abs error over ranks: "
+                + ", ".join(f"{k}={v:.2e}" for k, v in maxes.items()))
     ok = worst < 1e-10
     if rank == 0:
-        print(f"SyncBatchNorm check {'PASSED' if ok else 'FAILED'}: max abs error {worst:.2e} "
-              "(float64, tolerance 1e-10)", flush=True)
+        say(f"SyncBatchNorm check {'PASSED' if ok else 'FAILED'}: max abs error {worst:.2e} "
+            "(float64, tolerance 1e-10)")
     sys.exit(0 if ok else 1)
 
 

@@ -11,34 +11,10 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import horovod.torch as hvd
 from hvd_shufflebn import ShuffleBatchNorm, convert_shuffle_batchnorm
-
-
-def make_data(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 4, (n,), generator=g)
-    images = torch.randn(n, 1, 16, 16, generator=g) * 0.8
-    offsets = torch.randint(3, 13, (n,), generator=g)
-    for i, (label, k) in enumerate(zip(labels.tolist(), offsets.tolist())):
-        if label == 0:
-            images[i, 0, k, :] += 2.0
-        elif label == 1:
-            images[i, 0, :, k] += 2.0
-        else:
-            diagonal = torch.eye(16) if label == 2 else torch.eye(16).flip(1)
-            images[i, 0] += 2.0 * diagonal.roll(k - 8, dims=1)
-    return images, labels
-
-
-def make_model():
-    def block(cin, cout):
-        return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
-                             nn.ReLU(), nn.MaxPool2d(2))
-    return nn.Sequential(block(1, 16), block(16, 32), block(32, 32), nn.Flatten(),
-                         nn.Linear(32 * 2 * 2, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 4))
+from common import make_data, make_model, say
 
 
 def show_shuffle_once(layer):
@@ -49,11 +25,11 @@ def show_shuffle_once(layer):
         own = x.mean(dim=[0, 2, 3])[:3]
         everyone = hvd.allgather(own.unsqueeze(0), name="demo.means")
         if hvd.rank() == 0:
-            print(f"First step, layer {module.name}: permutation p = {module.last_permutation}")
+            say(f"First step, layer {module.name}: permutation p = {module.last_permutation}")
             for r, mean in enumerate(everyone):
                 u = module.last_permutation[r]
-                print(f"  rank {r}: own mean[:3] = {fmt(mean)}   normalised with rank {u}'s "
-                      f"mean[:3] = {fmt(everyone[u])}")
+                say(f"  rank {r}: own mean[:3] = {fmt(mean)}   normalised with rank {u}'s "
+                    f"mean[:3] = {fmt(everyone[u])}")
     handle = layer.register_forward_hook(hook)
 
 
@@ -103,9 +79,9 @@ def main():
         accuracy = hvd.allreduce(torch.stack([correct, torch.tensor(float(len(labels)))]),
                                  op=hvd.Sum, name="demo.accuracy")
         if hvd.rank() == 0:
-            print(f"epoch {epoch + 1}/{args.epochs}: loss {total[0] / total[1]:.4f}, "
-                  f"train accuracy (eval mode, running statistics) "
-                  f"{accuracy[0] / accuracy[1]:.3f}", flush=True)
+            say(f"epoch {epoch + 1}/{args.epochs}: loss {total[0] / total[1]:.4f}, "
+                f"train accuracy (eval mode, running statistics) "
+                f"{accuracy[0] / accuracy[1]:.3f}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ import os
 import warnings
 from typing import Optional
 
-import horovod.torch as hvd
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,12 +11,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
 
 from . import permutation as perms
-from . import recompute
+from . import recompute, routing
 from .agreement import Report
 from .errors import ShuffleBatchNormError
-from .exchange import TRANSPORTS, make_transport
-from .functional import (ShuffleBatchNormFunction, accumulation_dtype, exchange_statistics,
-                         input_error, local_statistics, shape_error, update_running_stats)
+from .functional import (ShuffleBatchNormFunction, accumulation_dtype, crosses_ranks,
+                         exchange_statistics, input_error, local_statistics, shape_error,
+                         update_running_stats)
+from .transports import TRANSPORTS, make_transport
 from .waits import WaitContext, resolve_timeout
 
 # Collective names must match across ranks: layers are numbered in construction order, which is
@@ -30,24 +30,30 @@ _BATCHNORM_FOR_INPUT_DIM = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNor
 
 
 class ShuffleBatchNorm(_BatchNorm):
-    r"""Batch normalisation with per-channel batch statistics borrowed from another rank.
+    r"""Batch normalisation with per-channel batch statistics borrowed from another rank (or
+    another group of samples).
 
-    In training mode, rank ``r`` of ``process_set`` normalises its own batch with the mean and
-    biased variance of rank ``p[r]``'s batch, then applies its own affine weight and bias
-    (MoCo's "Shuffling BN"). Gradients flow exactly, including back through the borrowed
-    statistics to the rank they came from. Running statistics track the union of all ranks'
-    batches, identically on every rank. Eval mode uses them and communicates nothing.
+    In training mode, rank ``r`` normalises its own batch with the mean and biased variance of
+    rank ``p[r]``'s batch, then applies its own affine weight and bias (MoCo's "Shuffling BN").
+    With ``groups_per_rank=k`` each rank's batch is split into ``k`` contiguous groups and ``p``
+    runs over all ``size * k`` groups; with ``k >= 2`` this works in a single process too.
+    Gradients flow exactly, including back through the borrowed statistics to the group they came
+    from. Running statistics track the union of all ranks' batches, identically on every rank.
+    Eval mode uses them and communicates nothing.
 
     Args:
         num_features, eps, momentum, affine, track_running_stats: as in torch.nn.BatchNorm2d.
         permutation: ``"derangement"`` (a fresh permutation without fixed points every step),
-            ``"random"``, ``"shift"`` (rank r borrows from rank (r + 1) % size), a fixed
-            sequence ``p``, or a callable ``(step, size) -> p``.
-        process_set: the Horovod process set whose ranks exchange statistics.
+            ``"random"``, ``"shift"`` (group g borrows from group (g + 1) % n), a fixed
+            sequence ``p``, or a callable ``(step, n) -> p``; n is the number of groups.
+        groups_per_rank: how many contiguous groups each rank's batch is split into.
+        process_set: the Horovod process set whose ranks exchange statistics (default: all).
+        process_group: the torch.distributed process group (default: the world).
         seed: seeds the ``"derangement"`` and ``"random"`` permutations (same on every rank).
-        transport: ``"mpi"`` (mpi4py beside Horovod's MPI: microseconds per exchange),
-            ``"horovod"`` (Horovod's collectives; any controller, Gloo included) or ``"auto"``
-            (MPI when Horovod runs on it, else Horovod). Must be the same on every rank.
+        transport: ``"auto"`` (Horovod when initialised, else torch.distributed when
+            initialised, else one process), ``"horovod"``, ``"mpi"`` (mpi4py beside Horovod's
+            MPI: microseconds per exchange), ``"torch.distributed"`` or ``"local"``. Must be the
+            same on every rank.
         name: a readable suffix for the names of this layer's collectives.
         timeout: seconds to wait for the other ranks before raising (default: the environment
             variable ``HVD_SHUFFLEBN_TIMEOUT``, else 600).
@@ -62,14 +68,19 @@ class ShuffleBatchNorm(_BatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, *,
-                 permutation: perms.PermutationSpec = "derangement",
-                 process_set=hvd.global_process_set, seed: int = 0, transport: str = "auto",
+                 permutation: perms.PermutationSpec = "derangement", groups_per_rank: int = 1,
+                 process_set=None, process_group=None, seed: int = 0, transport: str = "auto",
                  name: Optional[str] = None, timeout: Optional[float] = None, device=None,
                  dtype=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          device=device, dtype=dtype)
         self.permutation = perms.check_spec(permutation)
+        if isinstance(groups_per_rank, bool) or not isinstance(groups_per_rank, int) \
+                or groups_per_rank < 1:
+            raise ValueError(f"groups_per_rank must be an int >= 1, got {groups_per_rank!r}")
+        self.groups_per_rank = groups_per_rank
         self.process_set = process_set
+        self.process_group = process_group
         self.seed = int(seed)
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
@@ -98,13 +109,14 @@ class ShuffleBatchNorm(_BatchNorm):
         else:
             self._untracked_step = int(value)
 
-    def _check_input_dim(self, input):  # for the local paths (eval, a single rank)
+    def _check_input_dim(self, input):  # for the local paths (eval, plain batch norm)
         error = shape_error(input, self.num_features)
         if error is not None:
             raise ValueError(f"ShuffleBatchNorm {self.name!r}: {error}")
 
     def extra_repr(self):
-        return (f"{super().extra_repr()}, permutation={self.permutation!r}, "
+        groups = f", groups_per_rank={self.groups_per_rank}" if self.groups_per_rank > 1 else ""
+        return (f"{super().extra_repr()}, permutation={self.permutation!r}{groups}, "
                 f"transport={self.transport!r}, name={self.name!r}")
 
     # torch.compile compiles the model around the layer, not through it: the layer talks to the
@@ -117,9 +129,11 @@ class ShuffleBatchNorm(_BatchNorm):
             self._input_dim = input.dim()
             return F.batch_norm(input, self.running_mean, self.running_var, self.weight,
                                 self.bias, False, 0.0, self.eps)
-        transport = self._get_transport()
-        if transport.size == 1:
-            return self._single_rank_forward(input)
+        transport = make_transport(self.transport, self.name, self.process_set,
+                                   self.process_group)
+        k = self.groups_per_rank
+        if transport.size * k == 1:
+            return self._plain_forward(input)
         if recompute.in_backward():
             return self._replay(input, transport)
 
@@ -132,29 +146,32 @@ class ShuffleBatchNorm(_BatchNorm):
         transport.agree_before_first_exchange(self.name, self.num_features, context)
         try:
             perm, local_error = perms.permutation_for(self.permutation, self.seed, step,
-                                                      transport.size), None
+                                                      transport.size * k), None
         except ValueError as error:  # still join the exchange, so every rank can raise it
-            perm, local_error = tuple(range(transport.size)), f"invalid permutation: {error}"
-        local_error = local_error or input_error(input, self.num_features)
+            perm, local_error = tuple(range(transport.size * k)), f"invalid permutation: {error}"
+        local_error = local_error or input_error(input, self.num_features, k)
         needs_grad = torch.is_grad_enabled() and input.requires_grad
         report = Report(self.name, local_error, perm, needs_grad, self.num_features)
+        route = routing.route(perm, transport.rank, k)
         if local_error is None:
-            mean, var, count = local_statistics(input, self.num_features)
+            sizes = routing.group_sizes(input.size(0), k)
+            mean, var, counts = local_statistics(input, self.num_features, sizes)
         else:  # still take part, so that the others learn about the error instead of hanging
-            mean = var = torch.zeros(self.num_features, device=input.device,
-                                     dtype=accumulation_dtype(input.dtype)
-                                     if input.is_floating_point() else torch.float32)
-            count = 0
-        borrowed_mean, borrowed_var, summed = exchange_statistics(transport, report, mean, var,
-                                                                  count, context)
+            acc = accumulation_dtype(input.dtype) if input.is_floating_point() else torch.float32
+            mean = var = torch.zeros(k, self.num_features, device=input.device, dtype=acc)
+            sizes, counts = [0] * k, [0] * k
+        borrowed_mean, borrowed_var, summed = exchange_statistics(transport, report, route, mean,
+                                                                  var, counts, context)
         if update_running:
             update_running_stats(self.running_mean, self.running_var, summed, factor)
+        crosses = crosses_ranks(perm, k)
         output = ShuffleBatchNormFunction.apply(
-            input, self.weight, self.bias, mean, borrowed_mean, borrowed_var, count, self.eps,
-            perm, transport, WaitContext(self.name, step, "backward", self.timeout))
+            input, self.weight, self.bias, mean, borrowed_mean, borrowed_var, sizes, counts,
+            self.eps, route, crosses, transport,
+            WaitContext(self.name, step, "backward", self.timeout))
         if recompute.may_be_recomputed():
-            self._records.add(recompute.Record(step, perm, count, mean, var, borrowed_mean,
-                                               borrowed_var))
+            self._records.add(recompute.Record(step, perm, route, crosses, sizes, counts, mean,
+                                               var, borrowed_mean, borrowed_var))
         if update_running:
             self.num_batches_tracked.add_(1)
         else:
@@ -166,8 +183,9 @@ class ShuffleBatchNorm(_BatchNorm):
     def _replay(self, input, transport):
         """The recomputation of a checkpointed forward: the same permutation and borrowed
         statistics as the forward it recomputes, no communication, no change of state."""
-        mean, var, count = local_statistics(input, self.num_features)
-        record = self._records.take(mean, var, count)
+        sizes = routing.group_sizes(input.size(0), self.groups_per_rank)
+        mean, var, counts = local_statistics(input, self.num_features, sizes)
+        record = self._records.take(mean, var, counts)
         if record is None:
             raise ShuffleBatchNormError(
                 f"ShuffleBatchNorm {self.name!r}: a forward ran inside a backward pass (the "
@@ -177,7 +195,7 @@ class ShuffleBatchNorm(_BatchNorm):
                 "block deterministic (same input, dropout under preserve_rng_state=True)?")
         return ShuffleBatchNormFunction.apply(
             input, self.weight, self.bias, mean, record.borrowed_mean, record.borrowed_var,
-            record.count, self.eps, record.perm, transport,
+            record.sizes, record.counts, self.eps, record.route, record.crosses, transport,
             WaitContext(self.name, record.step, "backward", self.timeout))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
@@ -187,41 +205,29 @@ class ShuffleBatchNorm(_BatchNorm):
         self._records = recompute.Records()
 
     def __getstate__(self):
-        # A process set is a handle on Horovod's state, not part of the layer's: keep which one it
-        # is (pickling and deepcopy), not a copy of the object. Recompute records stay behind.
+        # Process sets and groups are handles on a library's state, not part of the layer's:
+        # keep which one it is (pickling, deepcopy), not a copy. Recompute records stay behind.
         state = dict(self.__dict__)
-        state["process_set"] = _ProcessSetRef.of(self.process_set)
+        state["process_set"] = _GroupRef.of_process_set(self.process_set)
+        state["process_group"] = _GroupRef.of_process_group(self.process_group)
         state["_records"] = recompute.Records()
         return state
 
     def __setstate__(self, state):
+        state.setdefault("groups_per_rank", 1)
+        state.setdefault("process_group", None)
         super().__setstate__(state)
-        if isinstance(self.process_set, _ProcessSetRef):
-            self.process_set = self.process_set.resolve()
+        for key in ("process_set", "process_group"):
+            if isinstance(getattr(self, key), _GroupRef):
+                setattr(self, key, getattr(self, key).resolve())
 
-    def _get_transport(self):
-        if not hvd.is_initialized():
-            raise ShuffleBatchNormError(
-                f"ShuffleBatchNorm {self.name!r}: Horovod is not initialised; call hvd.init() "
-                "before the first training forward")
-        if os.environ.get("HOROVOD_ELASTIC") == "1" and self.process_set is not hvd.global_process_set:
-            raise ShuffleBatchNormError(
-                f"ShuffleBatchNorm {self.name!r}: process sets are not supported under elastic "
-                "Horovod (Horovod itself does not support them there); use the global process set")
-        if self.process_set.process_set_id is None:
-            raise ShuffleBatchNormError(
-                f"ShuffleBatchNorm {self.name!r}: {self.process_set} is not registered with "
-                "Horovod; pass it to hvd.init(process_sets=...) or hvd.add_process_set()")
-        if self.process_set.rank() is None or self.process_set.rank() < 0:
-            raise ShuffleBatchNormError(
-                f"ShuffleBatchNorm {self.name!r}: rank {hvd.rank()} is not in {self.process_set}")
-        return make_transport(self.transport, self.process_set)
-
-    def _single_rank_forward(self, input):
-        if self.process_set.process_set_id not in _warned_single_rank:
-            _warned_single_rank.add(self.process_set.process_set_id)
-            warnings.warn("ShuffleBatchNorm: the process set has a single rank, so there is no "
-                          "other rank to borrow statistics from; using plain batch norm",
+    def _plain_forward(self, input):
+        """One group in all: nothing to borrow from, so plain batch norm (with a warning)."""
+        if self.process_set not in _warned_single_rank:
+            _warned_single_rank.add(self.process_set)
+            warnings.warn("ShuffleBatchNorm: there is a single rank and groups_per_rank=1, so "
+                          "there is no other group to borrow statistics from; using plain batch "
+                          "norm (set groups_per_rank >= 2 to shuffle within one process)",
                           stacklevel=3)
         if recompute.in_backward():  # a checkpoint's recomputation: no second update
             self._check_input_dim(input)
@@ -298,24 +304,44 @@ def _save_untracked_step(module, state_dict, prefix, local_metadata):
         local_metadata[STEP_METADATA] = module._untracked_step
 
 
-class _ProcessSetRef:
-    """Which Horovod process set a layer uses, as it survives pickling and deepcopy."""
+class _GroupRef:
+    """Which Horovod process set or torch.distributed group a layer uses, as it survives
+    pickling and deepcopy: None for the default one, else the global ranks in it."""
 
-    def __init__(self, ranks: Optional[list]):
-        self.ranks = ranks  # None: the global process set
+    def __init__(self, kind: str, ranks: Optional[list]):
+        self.kind, self.ranks = kind, ranks
 
     @classmethod
-    def of(cls, process_set) -> "_ProcessSetRef":
-        return cls(None if process_set is hvd.global_process_set else list(process_set.ranks))
+    def of_process_set(cls, process_set):
+        if process_set is None:
+            return None
+        import horovod.torch as hvd
+        default = process_set is hvd.global_process_set
+        return cls("horovod", None if default else list(process_set.ranks))
+
+    @classmethod
+    def of_process_group(cls, group):
+        if group is None:
+            return None
+        import torch.distributed as dist
+        return cls("torch.distributed", sorted(dist.get_process_group_ranks(group)))
 
     def resolve(self):
-        if self.ranks is None:
-            return hvd.global_process_set
-        # A ProcessSet object with these ranks; Horovod fills in its id when it is registered.
-        process_set = hvd.ProcessSet(self.ranks)
-        if hvd.is_initialized():
-            from horovod.common.process_sets import _basics
-            for set_id, ranks in _basics._get_process_set_ids_and_ranks().items():
-                if list(ranks) == self.ranks:
-                    process_set.process_set_id = set_id
-        return process_set
+        if self.kind == "horovod":
+            import horovod.torch as hvd
+            if self.ranks is None:
+                return hvd.global_process_set
+            # A ProcessSet with these ranks; Horovod's id for it if it is registered.
+            process_set = hvd.ProcessSet(self.ranks)
+            if hvd.is_initialized():
+                from horovod.common.process_sets import _basics
+                for set_id, ranks in _basics._get_process_set_ids_and_ranks().items():
+                    if list(ranks) == self.ranks:
+                        process_set.process_set_id = set_id
+            return process_set
+        import torch.distributed as dist
+        for group in dist.distributed_c10d._world.pg_group_ranks:
+            if sorted(dist.get_process_group_ranks(group)) == self.ranks:
+                return group
+        raise ShuffleBatchNormError(f"no torch.distributed process group with ranks {self.ranks} "
+                                    "exists in this process; create it before loading the layer")

@@ -1,22 +1,23 @@
 """The shuffled batch norm: the statistics exchange, the autograd Function with its exact
-backward, and the running statistics.
+backward, and the running statistics. Written once for every transport and any number of groups.
 
-Notation (README.md, "What it computes"): rank r normalises with the statistics of rank
-u = p[r]. m, v: per-channel mean and biased variance; s = 1/sqrt(v + eps); M: values per channel.
+Notation (README.md, "What it computes"): group t normalises with the statistics of group
+u = p[t] (routing.py: a group is a rank's whole batch, or one of its ``k`` contiguous parts).
+m, v: per-channel mean and biased variance; s = 1/sqrt(v + eps); M: values per channel.
 
-    forward   y_r  = w * (x_r - m_u) * s_u + b
-    backward  A_r  = sum(dy_r),  B_r = sum(dy_r * (x_r - m_u))
-              dw_r = B_r * s_u,  db_r = A_r
-              (g_m, g_v) = (-w s_u A_r, -w s_u^3 B_r / 2)  travel back to rank u, and rank q adds
-              what it receives to its direct term:
+    forward   y_t  = w * (x_t - m_u) * s_u + b
+    backward  A_t  = sum(dy_t),  B_t = sum(dy_t * (x_t - m_u))
+              dw = sum over my groups of B_t * s_u,  db = sum of A_t
+              (g_m, g_v) = (-w s_u A_t, -w s_u^3 B_t / 2)  travel back to group u, and group q
+              adds what it receives to its direct term:
               dx_q = w s_{p[q]} dy_q + g_m / M_q + g_v * 2 (x_q - m_q) / M_q
 """
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from . import permutation as perms
 from .agreement import Report, make_header, raise_if_any_rank_failed
+from .routing import Route, group_sizes
 from .waits import WaitContext
 
 
@@ -37,50 +38,69 @@ def shape_error(input: torch.Tensor, num_features: int) -> Optional[str]:
     return None
 
 
-def input_error(input: torch.Tensor, num_features: int) -> Optional[str]:
-    """Why this rank cannot take part in a training step with ``input``, or None."""
+def input_error(input: torch.Tensor, num_features: int, k: int = 1) -> Optional[str]:
+    """Why this rank cannot take part in a training step with ``input`` in ``k`` groups, or None."""
     error = shape_error(input, num_features)
     if error is not None:
         return error
-    if input.numel() // num_features < 2:
-        return ("expected more than 1 value per channel when training, got input of shape "
-                f"{tuple(input.shape)}")
+    per_sample = input[0, 0].numel() if input.size(0) else 0
+    if min(group_sizes(input.size(0), k)) * per_sample < 2:
+        where = "" if k == 1 else f" in each of the {k} groups"
+        return (f"expected more than 1 value per channel{where} when training, got input of "
+                f"shape {tuple(input.shape)}")
     return None
 
 
-def local_statistics(input: torch.Tensor, num_features: int
-                     ) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """Per-channel mean, biased variance (accumulation dtype) and values per channel."""
-    # Scratch "running" buffers in the accumulation dtype make the kernel return float32
-    # statistics for a float16/bfloat16 input; momentum 0 leaves them untouched.
-    scratch = torch.zeros(2, num_features, dtype=accumulation_dtype(input.dtype),
-                          device=input.device)
-    with torch.no_grad():
-        mean, var = torch.batch_norm_update_stats(input, scratch[0], scratch[1], 0.0)
-    return mean, var, input.numel() // num_features
+def local_statistics(input: torch.Tensor, num_features: int, sizes: Sequence[int]
+                     ) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+    """Per group: mean and biased variance (k, C) in the accumulation dtype, values per channel."""
+    acc = accumulation_dtype(input.dtype)
+    means, variances = [], []
+    for chunk in (input,) if len(sizes) == 1 else input.split(list(sizes)):
+        # Scratch "running" buffers in the accumulation dtype make the kernel return float32
+        # statistics for a float16/bfloat16 input; momentum 0 leaves them untouched.
+        scratch = torch.zeros(2, num_features, dtype=acc, device=input.device)
+        with torch.no_grad():
+            mean, var = torch.batch_norm_update_stats(chunk, scratch[0], scratch[1], 0.0)
+        means.append(mean)
+        variances.append(var)
+    per_sample = input[0, 0].numel()
+    return torch.stack(means), torch.stack(variances), [n * per_sample for n in sizes]
 
 
-def exchange_statistics(transport, report: Report, mean: torch.Tensor, var: torch.Tensor,
-                        count: int, context: WaitContext
+def crosses_ranks(perm: Sequence[int], k: int) -> bool:
+    """Whether any group borrows from another rank (the same answer on every rank)."""
+    return any(t // k != lender // k for t, lender in enumerate(perm))
+
+
+def exchange_statistics(transport, report: Report, route: Route, mean: torch.Tensor,
+                        var: torch.Tensor, counts: Sequence[int], context: WaitContext
                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Send this rank's statistics to the rank that borrows them, receive the ones it borrows,
-    and sum what the running statistics need over all ranks; every rank raises the same error
-    if any rank reported a problem. Returns (borrowed mean, borrowed var, summed statistics)."""
-    # Packets travel in float64: counts stay exact and the variance of the union of all
-    # batches, E[x^2] - E[x]^2, does not cancel catastrophically.
+    """Send this rank's group statistics to the groups that borrow them, receive the ones its
+    groups borrow, and sum what the running statistics need over all ranks; every rank raises
+    the same error if any rank reported a problem. Returns (borrowed means (k, C), borrowed
+    variances (k, C), summed statistics)."""
+    c = mean.shape[1]
+    # Rows travel in float64: counts stay exact and the variance of the union of all batches,
+    # E[x^2] - E[x]^2, does not cancel catastrophically.
     mean64, var64 = mean.double(), var.double()
-    count64 = torch.tensor([float(count)], dtype=torch.float64, device=mean.device)
-    packet = torch.cat([mean64, var64, count64]).unsqueeze(0)
-    sums = torch.cat([count64, count64 * mean64, count64 * (var64 + mean64 * mean64)])
-    perm, rank = report.perm, transport.rank
+    count64 = torch.tensor(counts, dtype=torch.float64, device=mean.device).unsqueeze(1)
+    packets = torch.cat([mean64, var64, count64], dim=1)
+    sums = torch.cat([count64.sum(0), (count64 * mean64).sum(0),
+                      (count64 * (var64 + mean64 * mean64)).sum(0)])
 
     def check(summed_header):
         raise_if_any_rank_failed(transport, report.layer, summed_header.cpu(), report, context)
-    # My packet goes to the rank that borrows from me; I receive from the one I borrow from.
-    received, summed = transport.exchange(report.layer, packet, perms.inverse(perm)[rank],
-                                          perm[rank], context,
-                                          make_header(report, mean.device), sums, check)
-    borrowed_mean, borrowed_var = received[0, :2 * mean.numel()].to(mean.dtype).chunk(2)
+    rows = {dest: packets[groups] for dest, groups in route.sends.items()}
+    expect = {source: len(groups) for source, groups in route.receives.items()}
+    received, summed = transport.exchange(report.layer, rows, expect, 2 * c + 1, mean.device,
+                                          context, make_header(report, mean.device), sums, check)
+    borrowed = torch.empty(len(counts), 2 * c, dtype=torch.float64, device=mean.device)
+    for borrower, lender in route.local:
+        borrowed[borrower] = packets[lender, :2 * c]
+    for source, groups in route.receives.items():
+        borrowed[groups] = received[source][:, :2 * c]
+    borrowed_mean, borrowed_var = borrowed.to(mean.dtype).split(c, dim=1)
     return borrowed_mean, borrowed_var, summed
 
 
@@ -98,9 +118,13 @@ def _channel_shape(input: torch.Tensor):
     return (1, -1) + (1,) * (input.dim() - 2)
 
 
+def _chunks(tensor: torch.Tensor, sizes: Sequence[int]):
+    return (tensor,) if len(sizes) == 1 else tensor.split(list(sizes))
+
+
 class ShuffleBatchNormFunction(torch.autograd.Function):
-    """y = w (x - m_u) s_u + b with the borrowed statistics given; the backward sends the
-    gradient of the borrowed statistics back to the lender and adds what comes back.
+    """y = w (x - m_u) s_u + b per group, with the borrowed statistics given; the backward sends
+    the gradient of the borrowed statistics back to the lending groups and adds what comes back.
 
     Inputs after ``bias`` are not differentiable. The local work runs on ATen's own batch-norm
     kernels (CPU and CUDA alike), used in "eval" form with the borrowed statistics standing in
@@ -110,16 +134,23 @@ class ShuffleBatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, own_mean, borrowed_mean, borrowed_var, count: int,
-                eps: float, perm: Sequence[int], transport, backward_context: WaitContext):
+    def forward(ctx, input, weight, bias, own_mean, borrowed_mean, borrowed_var,
+                sizes: Sequence[int], counts: Sequence[int], eps: float, route: Route,
+                crosses: bool, transport, backward_context: WaitContext):
         acc = own_mean.dtype
         weight_acc = None if weight is None else weight.to(acc)
         bias_acc = None if bias is None else bias.to(acc)
-        output = torch.native_batch_norm(input, weight_acc, bias_acc, borrowed_mean, borrowed_var,
-                                         False, 0.0, eps)[0]
+        if len(sizes) == 1:
+            output = torch.native_batch_norm(input, weight_acc, bias_acc, borrowed_mean[0],
+                                             borrowed_var[0], False, 0.0, eps)[0]
+        else:  # empty_like keeps the memory format; the chunks along dim 0 are views
+            output = torch.empty_like(input)
+            for j, (x, y) in enumerate(zip(_chunks(input, sizes), _chunks(output, sizes))):
+                y.copy_(torch.native_batch_norm(x, weight_acc, bias_acc, borrowed_mean[j],
+                                                borrowed_var[j], False, 0.0, eps)[0])
         ctx.save_for_backward(input, weight_acc, borrowed_mean, borrowed_var, own_mean)
-        ctx.count, ctx.perm, ctx.transport, ctx.eps = count, tuple(perm), transport, eps
-        ctx.backward_context = backward_context
+        ctx.sizes, ctx.counts, ctx.eps, ctx.route = tuple(sizes), tuple(counts), eps, route
+        ctx.crosses, ctx.transport, ctx.backward_context = crosses, transport, backward_context
         ctx.param_dtype = None if weight is None else weight.dtype
         return output
 
@@ -127,35 +158,71 @@ class ShuffleBatchNormFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         input, weight, borrowed_mean, borrowed_var, own_mean = ctx.saved_tensors
         needs_input_grad = ctx.needs_input_grad[0]
-        # The direct term w s_u dy, sum(dy (x - m_u)) s_u and sum(dy), in one kernel.
-        direct, sum_dy_xmu_invstd, sum_dy = torch.ops.aten.native_batch_norm_backward(
-            grad_output.contiguous(memory_format=_memory_format(input)), input, weight,
-            borrowed_mean, borrowed_var, None, None, False, ctx.eps,
-            [needs_input_grad, True, True])
+        sizes = ctx.sizes
+        grad_output = grad_output.contiguous(memory_format=_memory_format(input))
+        # Per group, in one kernel: the direct term w s_u dy, sum(dy (x - m_u)) s_u, sum(dy).
+        mask = [needs_input_grad, True, True]
+        if len(sizes) == 1:
+            direct, sum_dy_xmu_invstd, sum_dy = torch.ops.aten.native_batch_norm_backward(
+                grad_output, input, weight, borrowed_mean[0], borrowed_var[0], None, None, False,
+                ctx.eps, mask)
+            sum_dy_xmu_invstd, sum_dy = sum_dy_xmu_invstd.unsqueeze(0), sum_dy.unsqueeze(0)
+        else:
+            direct = torch.empty_like(input) if needs_input_grad else None
+            sums = []
+            for j, (dy, x) in enumerate(zip(_chunks(grad_output, sizes), _chunks(input, sizes))):
+                d, b, a = torch.ops.aten.native_batch_norm_backward(
+                    dy, x, weight, borrowed_mean[j], borrowed_var[j], None, None, False, ctx.eps,
+                    mask)
+                if direct is not None:
+                    _chunks(direct, sizes)[j].copy_(d)
+                sums.append((b, a))
+            sum_dy_xmu_invstd = torch.stack([b for b, _ in sums])
+            sum_dy = torch.stack([a for _, a in sums])
 
         grad_weight = grad_bias = grad_input = None
         if ctx.needs_input_grad[1]:
-            grad_weight = sum_dy_xmu_invstd.to(ctx.param_dtype)
+            grad_weight = sum_dy_xmu_invstd.sum(0).to(ctx.param_dtype)
         if ctx.needs_input_grad[2]:
-            grad_bias = sum_dy.to(ctx.param_dtype)
+            grad_bias = sum_dy.sum(0).to(ctx.param_dtype)
         if needs_input_grad:
-            invstd = torch.rsqrt(borrowed_var + ctx.eps)
-            w_invstd = invstd if weight is None else invstd * weight
-            grad_mean = -w_invstd * sum_dy
-            grad_var = -0.5 * w_invstd * invstd * sum_dy_xmu_invstd
-            # Rank r borrowed from p[r]: that is where the gradient of its statistics belongs.
-            packet = torch.cat([grad_mean, grad_var]).double().unsqueeze(0)
-            transport, context = ctx.transport, ctx.backward_context
-            received, _ = transport.exchange(context.layer + ".grad", packet,
-                                             ctx.perm[transport.rank],
-                                             perms.inverse(ctx.perm)[transport.rank], context)
-            grad_own_mean, grad_own_var = received[0].to(own_mean.dtype).chunk(2)
+            grad_own = _gradient_of_own_statistics(ctx, weight, borrowed_var, sum_dy,
+                                                   sum_dy_xmu_invstd)
+            grad_own_mean, grad_own_var = grad_own.to(own_mean.dtype).chunk(2, dim=1)
             # dx = w s_u dy + g_m / M + g_v * 2 (x - m) / M, as direct + x * b + c per channel
-            b = 2.0 * grad_own_var / ctx.count
-            c = grad_own_mean / ctx.count - own_mean * b
+            counts = torch.tensor(ctx.counts, dtype=own_mean.dtype,
+                                  device=own_mean.device).unsqueeze(1)
+            b = 2.0 * grad_own_var / counts
+            c = grad_own_mean / counts - own_mean * b
             shape = _channel_shape(input)
-            grad_input = direct.addcmul_(input, b.view(shape)).add_(c.view(shape))
-        return (grad_input, grad_weight, grad_bias) + (None,) * 8
+            for j, (dx, x) in enumerate(zip(_chunks(direct, sizes), _chunks(input, sizes))):
+                dx.addcmul_(x, b[j].view(shape)).add_(c[j].view(shape))
+            grad_input = direct
+        return (grad_input, grad_weight, grad_bias) + (None,) * 10
+
+
+def _gradient_of_own_statistics(ctx, weight, borrowed_var, sum_dy, sum_dy_xmu_invstd):
+    """(g_m, g_v) per group of mine, (k, 2C) in float64: what the groups that borrowed my
+    groups' statistics send back (a borrower on this rank sends nothing over the wire)."""
+    invstd = torch.rsqrt(borrowed_var + ctx.eps)
+    w_invstd = invstd if weight is None else invstd * weight
+    grad_borrowed = torch.cat([-w_invstd * sum_dy, -0.5 * w_invstd * invstd * sum_dy_xmu_invstd],
+                              dim=1).double()
+    route = ctx.route
+    grad_own = torch.zeros_like(grad_borrowed)
+    for borrower, lender in route.local:
+        grad_own[lender] = grad_borrowed[borrower]
+    if ctx.crosses:  # every rank knows whether any row crosses; then all take part
+        # The forward route reversed: rows go from my borrowing groups back to their lenders.
+        rows = {lender_rank: grad_borrowed[groups] for lender_rank, groups in route.receives.items()}
+        expect = {borrower_rank: len(groups) for borrower_rank, groups in route.sends.items()}
+        context = ctx.backward_context
+        received, _ = ctx.transport.exchange(context.layer + ".grad", rows, expect,
+                                             grad_borrowed.shape[1], grad_borrowed.device,
+                                             context)
+        for borrower_rank, groups in route.sends.items():
+            grad_own[groups] = received[borrower_rank]
+    return grad_own
 
 
 def _memory_format(input: torch.Tensor) -> torch.memory_format:

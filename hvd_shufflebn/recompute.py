@@ -16,7 +16,7 @@ import torch
 
 # A layer keeps the records of its last forwards that may be recomputed; enough for several
 # forwards of one layer per backward pass (two crops, multi-crop) and an unrecomputed key encoder
-# in between. Each record holds 3 * num_features statistics.
+# in between. Each record holds 4 * num_features statistics per group.
 CAPACITY = 32
 
 
@@ -35,8 +35,11 @@ def may_be_recomputed() -> bool:
 class Record(NamedTuple):
     step: int
     perm: tuple
-    count: int
-    own_mean: torch.Tensor
+    route: object  # routing.Route
+    crosses: bool
+    sizes: list
+    counts: list
+    own_mean: torch.Tensor  # (groups, C), like the three below
     own_var: torch.Tensor
     borrowed_mean: torch.Tensor
     borrowed_var: torch.Tensor
@@ -54,13 +57,13 @@ class Records:
     def add(self, record: Record) -> None:
         self._records.append(record)
 
-    def take(self, own_mean: torch.Tensor, own_var: torch.Tensor, count: int) -> Optional[Record]:
+    def take(self, own_mean: torch.Tensor, own_var: torch.Tensor, counts) -> Optional[Record]:
         """Remove and return the record of the forward whose input had these statistics: the
         oldest bit-identical one, else (a recomputation that is not bit-exact, e.g. some GPU
         kernels) the closest within a relative 1e-4, else None."""
         best, best_error = None, None
         for index, record in enumerate(self._records):
-            if record.count != count or record.own_mean.shape != own_mean.shape:
+            if list(record.counts) != list(counts) or record.own_mean.shape != own_mean.shape:
                 continue
             if torch.equal(record.own_mean, own_mean) and torch.equal(record.own_var, own_var):
                 best = index

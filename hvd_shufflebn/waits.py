@@ -8,7 +8,7 @@ that rank, and the launcher then ends the job.
 
 Which ranks are missing is found out only then, on a side channel that does not depend on the
 stuck exchange: the waiting ranks post "I wait in layer L at step k" and read each other's
-posts for a short grace period (see ``StallBoard`` implementations in exchange.py).
+posts for a short grace period (each transport has its ``stall_board``).
 """
 import os
 import time
@@ -113,65 +113,3 @@ def describe_timeout(context: WaitContext, rank: int, size: int, waiting_for: st
         f"ShuffleBatchNorm(timeout=...) or ${TIMEOUT_ENV}.")
     return " ".join(lines)
 
-
-# --- side channels for the diagnosis ----------------------------------------------------------
-
-class MPIStallBoard:
-    """Posts on a communicator of its own (so nothing else can match them): each waiting rank
-    sends its status to every other rank, then collects what arrives within the grace period."""
-
-    TAG = 4242
-
-    def __init__(self, comm):
-        self.comm = comm
-
-    def post_and_read(self, status: tuple, grace: float, max_age: float) -> Dict[int, tuple]:
-        from mpi4py import MPI
-        me, size = self.comm.Get_rank(), self.comm.Get_size()
-        # Small messages leave eagerly; a rank that never receives does not block us.
-        for other in range(size):
-            if other != me:
-                self.comm.isend(status, dest=other, tag=self.TAG)
-        heard, probe = {}, MPI.Status()
-        deadline = time.monotonic() + grace
-        while len(heard) < size - 1 and time.monotonic() < deadline:
-            if self.comm.iprobe(source=MPI.ANY_SOURCE, tag=self.TAG, status=probe):
-                source = probe.Get_source()
-                heard[source] = self.comm.recv(source=source, tag=self.TAG)
-            else:
-                time.sleep(0.01)
-        return heard
-
-
-class KVStallBoard:
-    """Posts in the key-value store of horovodrun's rendezvous server (Gloo runs, elastic ones
-    included), which every worker can reach over HTTP whatever state Horovod is in."""
-
-    SCOPE = "hvd_shufflebn_stall"
-
-    def __init__(self, address: str, port: int, set_id: int, rank: int, size: int):
-        self.address, self.port = address, port
-        self.set_id, self.rank, self.size = set_id, rank, size
-
-    def post_and_read(self, status: tuple, grace: float, max_age: float) -> Dict[int, tuple]:
-        from horovod.runner.http.http_client import (put_data_into_kvstore,
-                                                      read_data_from_kvstore)
-        key = "{}.{}".format
-        started = time.time()
-        put_data_into_kvstore(self.address, self.port, self.SCOPE, key(self.set_id, self.rank),
-                              (tuple(status), started))
-        heard = {}
-        deadline = time.monotonic() + grace
-        while len(heard) < self.size - 1 and time.monotonic() < deadline:
-            for other in range(self.size):
-                if other == self.rank or other in heard:
-                    continue
-                try:
-                    other_status, posted = read_data_from_kvstore(
-                        self.address, self.port, self.SCOPE, key(self.set_id, other))
-                except RuntimeError:  # nothing posted yet
-                    continue
-                if posted > started - max_age:  # not left over from an earlier stall
-                    heard[other] = other_status
-            time.sleep(0.05)
-        return heard

@@ -1,12 +1,14 @@
-"""Distributed correctness checks, run on every rank by mpirun or horovodrun:
+"""Distributed correctness checks, run on every rank by mpirun, horovodrun or torchrun:
 
     mpirun -np 4 python tests/dist_worker.py [case ...]      (no case: all of them)
+    torchrun --nproc-per-node 3 tests/dist_worker.py         (torch.distributed on Gloo)
 
 Each rank runs the layer on its own data; the inputs, upstream gradients and results of all
 ranks are then gathered (with mpi4py under mpirun, through files under horovodrun --gloo, never
 through the layer's own transport) and compared on every rank with an independent float64
-reference computed by autograd in one process. Any failed check raises, so the rank exits
-non-zero and the launcher fails the run.
+reference computed by autograd in one process. Under torchrun the data travels through
+torch.distributed's key-value store, and Horovod is not even imported. Any failed check raises, so
+the rank exits non-zero and the launcher fails the run.
 """
 import os
 import pickle
@@ -15,12 +17,16 @@ import tempfile
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-import horovod.torch as hvd
+TORCHRUN = "TORCHELASTIC_RUN_ID" in os.environ
+if not TORCHRUN:
+    import horovod.torch as hvd
 from hvd_shufflebn import (ShuffleBatchNorm, ShuffleBatchNormError, convert_shuffle_batchnorm,
                            revert_shuffle_batchnorm)
-from hvd_shufflebn.exchange import HorovodTransport, MPITransport, make_transport
+from hvd_shufflebn.transports import make_transport
+from reference import reference, reference_groups, reference_running
 
 MPI = None
 if "OMPI_COMM_WORLD_SIZE" in os.environ:  # launched by mpirun: mpi4py gathers the test data
@@ -35,6 +41,7 @@ class Gatherer:
 
     def __init__(self):
         self.comm = MPI.COMM_WORLD.Dup() if MPI is not None else None
+        self.store = dist.distributed_c10d._get_default_store() if TORCHRUN else None
         self.calls = 0
         # One directory per launch (the test driver makes it), shared by all ranks of that launch.
         self.dir = os.environ.get("SHUFFLEBN_TEST_DIR") or os.path.join(
@@ -44,6 +51,11 @@ class Gatherer:
     def __call__(self, obj, ranks=None):
         if self.comm is not None:
             gathered = self.comm.allgather(obj)
+        elif self.store is not None:  # torchrun: the rendezvous store, not a process group
+            self.calls += 1
+            self.store.set(f"test.gather.{self.calls}.{RANK}", pickle.dumps(obj))
+            gathered = [pickle.loads(self.store.get(f"test.gather.{self.calls}.{r}"))
+                        for r in range(SIZE)]
         else:  # horovodrun --gloo: no MPI; exchange through files on the shared file system
             self.calls += 1
             path = os.path.join(self.dir, f"gather-{self.calls}-{{}}.pkl")
@@ -73,34 +85,8 @@ def ShuffleBN(*args, **kwargs):
     return ShuffleBatchNorm(*args, transport=TRANSPORT, **kwargs)
 
 
-def reference(xs, dys, weights, biases, perm, eps):
-    """float64 autograd on all ranks' data in one process: outputs and gradients per rank."""
-    xs = [x.double().requires_grad_() for x in xs]
-    ws = [None if w is None else w.double().requires_grad_() for w in weights]
-    bs = [None if b is None else b.double().requires_grad_() for b in biases]
-    outs = []
-    for r, x in enumerate(xs):
-        source = xs[perm[r]]
-        dims = [0] + list(range(2, x.dim()))
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        mean = source.mean(dims)
-        var = source.var(dims, unbiased=False)
-        y = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + eps)
-        if ws[r] is not None:
-            y = y * ws[r].view(shape) + bs[r].view(shape)
-        outs.append(y)
-    sum((y * dy.double()).sum() for y, dy in zip(outs, dys)).backward()
-    return ([y.detach() for y in outs], [x.grad for x in xs],
-            [None if w is None else w.grad for w in ws], [None if b is None else b.grad for b in bs])
-
-
-def reference_running(xs, running_mean, running_var, momentum):
-    """What torch.nn.BatchNorm tracks on the concatenation of all ranks' batches."""
-    flat = [x.double().transpose(0, 1).reshape(x.size(1), -1) for x in xs]
-    union = torch.cat(flat, dim=1)
-    mean, var = union.mean(1), union.var(1, unbiased=True)
-    return ((1 - momentum) * running_mean.double() + momentum * mean,
-            (1 - momentum) * running_var.double() + momentum * var)
+def current_transport():
+    return make_transport(TRANSPORT, "test")
 
 
 def close(actual, expected, dtype, what):
@@ -258,7 +244,8 @@ def case_process_sets():
         return
     halves = [list(range(0, SIZE, 2)), list(range(1, SIZE, 2))]
     mine = halves[RANK % 2]
-    layer = ShuffleBN(3, process_set=PROCESS_SETS[RANK % 2])
+    group = PROCESS_SETS[RANK % 2]
+    layer = ShuffleBN(3, **({"process_group": group} if TORCHRUN else {"process_set": group}))
     perms = run_and_check(layer, (3, 3, 4), torch.float64, steps=2, ranks=mine)
     assert all(len(p) == len(mine) for p in perms)
 
@@ -348,7 +335,7 @@ def case_layers_called_in_different_orders():
     x = make_input((2, 3, 2), torch.float32, seed=RANK)
     run_and_check(first, (2, 3, 2), torch.float32, steps=1)
     run_and_check(second, (2, 3, 2), torch.float32, steps=1)  # both past their first step
-    if not isinstance(make_transport(TRANSPORT, hvd.global_process_set), MPITransport):
+    if type(current_transport()).__name__ != "MPITransport":
         return
     expect_error(lambda: (first if RANK == 0 else second)(x), "ranks are in different layers",
                  f"rank 0 in {first.name!r}", f"rank 1 in {second.name!r}")
@@ -381,10 +368,16 @@ def case_statistics_cross_hosts():
 
 
 def case_transport_choice():
+    if TORCHRUN:
+        expected = {"auto": "TorchDistributedTransport",
+                    "torch.distributed": "TorchDistributedTransport"}[TRANSPORT]
+        assert type(current_transport()).__name__ == expected
+        assert "horovod" not in sys.modules, "Horovod was imported under torchrun"
+        return
     on_mpi = hvd.mpi_enabled()
-    expected = {"auto": MPITransport if on_mpi else HorovodTransport, "horovod": HorovodTransport,
-                "mpi": MPITransport}[TRANSPORT]
-    assert isinstance(make_transport(TRANSPORT, hvd.global_process_set), expected)
+    expected = {"auto": "MPITransport" if on_mpi else "HorovodTransport",
+                "horovod": "HorovodTransport", "mpi": "MPITransport"}[TRANSPORT]
+    assert type(current_transport()).__name__ == expected
     if not on_mpi:  # asking for MPI under Gloo is the same clear error on every rank
         expect_error(lambda: ShuffleBatchNorm(3, transport="mpi")(torch.randn(4, 3)),
                      "transport='mpi' needs Horovod running on MPI")
@@ -541,7 +534,7 @@ def case_deepcopy_and_whole_model_save():
     loaded = torch.load(buffer, weights_only=False)
     for copy_ in (key, loaded):
         layer = copy_[1]
-        assert layer.process_set is hvd.global_process_set
+        assert layer.process_set is model[1].process_set
         assert layer.step == model[1].step and layer.name == model[1].name
     for i, net in enumerate((model, key, loaded)):
         layer = net[1]
@@ -559,6 +552,59 @@ def case_deepcopy_and_whole_model_save():
         close(y, ref_y[RANK], torch.float64, f"output of model {i} (original, deepcopy, loaded)")
 
 
+def case_groups():
+    """groups_per_rank=k: every rank's batch in k contiguous groups, the permutation over all
+    size * k groups; uneven batches and groups; a lender on the same rank or another."""
+    from torch.utils.checkpoint import checkpoint
+    configs = [(2, "derangement", (3,), False), (3, "random", (3, 4), False),
+               (2, "shift", (3, 2, 3), True), (2, alternating, (3, 5), False)]
+    for k, spec, feature_shape, channels_last in configs:
+        layer = ShuffleBN(3, groups_per_rank=k, permutation=spec, momentum=0.3, seed=4,
+                          dtype=torch.float64)
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 1.5)
+            layer.bias.uniform_(-0.5, 0.5)
+        for step in range(3):
+            n = 2 * k + (RANK + step) % 3  # uneven batches, uneven groups
+            x = make_input((n,) + feature_shape, torch.float64, seed=100 * step + RANK,
+                           channels_last=channels_last)
+            dy = make_input(x.shape, torch.float64, seed=900 + 100 * step + RANK,
+                            requires_grad=False)
+            before = (layer.running_mean.clone(), layer.running_var.clone())
+            layer.weight.grad = layer.bias.grad = None
+            if step == 2:  # and once under activation checkpointing
+                y = checkpoint(layer, x, use_reentrant=False)
+            else:
+                y = layer(x)
+            perm = layer.last_permutation
+            y.backward(dy)
+            assert len(perm) == SIZE * k, perm
+            if channels_last:
+                assert y.is_contiguous(memory_format=torch.channels_last)
+            everyone = gather(dict(x=x.detach(), dy=dy, w=layer.weight.detach(),
+                                   b=layer.bias.detach(), perm=perm))
+            assert all(e["perm"] == perm for e in everyone)
+            ys, dxs, dws, dbs = reference_groups(
+                [e["x"] for e in everyone], [e["dy"] for e in everyone],
+                [e["w"] for e in everyone], [e["b"] for e in everyone], perm, layer.eps, k)
+            what = f"groups_per_rank={k}, permutation={spec}, step {step}"
+            close(y, ys[RANK], torch.float64, f"output, {what}")
+            close(x.grad, dxs[RANK], torch.float64, f"input gradient, {what}")
+            close(layer.weight.grad, dws[RANK], torch.float64, f"weight gradient, {what}")
+            close(layer.bias.grad, dbs[RANK], torch.float64, f"bias gradient, {what}")
+            mean, var = reference_running([e["x"] for e in everyone], before[0], before[1], 0.3)
+            close(layer.running_mean, mean, torch.float64, f"running_mean, {what}")
+            close(layer.running_var, var, torch.float64, f"running_var, {what}")
+        if spec == "derangement" and SIZE * k > 2:
+            assert len({tuple(p) for p in [perm]}) == 1
+    # A group with fewer than 2 values per channel on one rank: the same error everywhere.
+    bad = SIZE - 1
+    layer = ShuffleBN(3, groups_per_rank=3)
+    x = make_input((2 if RANK == bad else 6, 3), torch.float32, seed=RANK)
+    expect_error(lambda: layer(x), f"rank {bad}", "more than 1 value per channel in each of the 3 "
+                 "groups")
+
+
 CASES = {name[len("case_"):]: fn for name, fn in sorted(globals().items())
          if name.startswith("case_")}
 PROCESS_SETS = []
@@ -567,11 +613,17 @@ PROCESS_SETS = []
 def main(names):
     global gather, RANK, SIZE
     torch.set_num_threads(1)
-    size = int(os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("HOROVOD_SIZE") or 1)
-    if size >= 4:
-        PROCESS_SETS.extend(hvd.ProcessSet(list(range(start, size, 2))) for start in (0, 1))
-    hvd.init(process_sets=PROCESS_SETS or None)
-    RANK, SIZE = hvd.rank(), hvd.size()
+    if TORCHRUN:
+        dist.init_process_group("gloo")
+        RANK, SIZE = dist.get_rank(), dist.get_world_size()
+        if SIZE >= 4:  # every rank takes part in creating every group
+            PROCESS_SETS.extend(dist.new_group(list(range(start, SIZE, 2))) for start in (0, 1))
+    else:
+        size = int(os.environ.get("OMPI_COMM_WORLD_SIZE") or os.environ.get("HOROVOD_SIZE") or 1)
+        if size >= 4:
+            PROCESS_SETS.extend(hvd.ProcessSet(list(range(start, size, 2))) for start in (0, 1))
+        hvd.init(process_sets=PROCESS_SETS or None)
+        RANK, SIZE = hvd.rank(), hvd.size()
     gather = Gatherer()
     for name in names or CASES:
         started = time.time()
@@ -579,6 +631,9 @@ def main(names):
         gather(None)  # every rank finished this case before the next begins
         if RANK == 0:
             print(f"PASS {name} ({SIZE} ranks, {time.time() - started:.1f} s)", flush=True)
+    if TORCHRUN:
+        gather(None)
+        # Leave without destroy_process_group(): with Gloo it can abort a worker at exit.
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Start a script on several ranks with mpirun or horovodrun, with a timeout, for the tests."""
+"""Start a script on several ranks with mpirun, horovodrun or torchrun, with a timeout, for the
+tests."""
 import os
 import subprocess
 import sys
@@ -23,6 +24,9 @@ def command(launcher, ranks, script, *args):
     if launcher in ("horovodrun-gloo", "horovodrun-mpi"):
         return [str(BIN / "horovodrun"), "-np", str(ranks), f"--{launcher.split('-')[1]}",
                 *python]
+    if launcher == "torchrun":
+        return [str(BIN / "torchrun"), "--standalone", f"--nproc-per-node={ranks}", str(script),
+                *args]
     raise ValueError(launcher)
 
 

@@ -1,8 +1,10 @@
 """Resuming from a checkpoint replays the permutations of the run it continues.
 
-    mpirun -np 3 python tests/resume_worker.py full   DIR   # 6 steps in one go
-    mpirun -np 3 python tests/resume_worker.py first  DIR   # steps 0-2, then save
-    mpirun -np 3 python tests/resume_worker.py resume DIR   # a new process loads, steps 3-5
+    mpirun -np 4 python tests/resume_worker.py full   DIR   # 6 steps in one go
+    mpirun -np 4 python tests/resume_worker.py first  DIR   # steps 0-2, then save
+    mpirun -np 4 python tests/resume_worker.py resume DIR   # a new process loads, steps 3-5
+
+(or torchrun --nproc-per-node 4 ...: torch.distributed instead of Horovod)
 
 Each run writes, from rank 0, the permutation every layer used at every step and the final
 running statistics (DIR/<mode>.json); test_distributed.py compares them.
@@ -12,8 +14,8 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 
-import horovod.torch as hvd
 from hvd_shufflebn import ShuffleBatchNorm, convert_shuffle_batchnorm
 
 
@@ -27,21 +29,32 @@ def build():
 
 def main(mode, directory):
     torch.set_num_threads(1)
-    hvd.init()
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
+    else:
+        import horovod.torch as hvd
+        hvd.init()
+        rank = hvd.rank()
     model = build()
     steps = {"full": range(6), "first": range(3), "resume": range(3, 6)}[mode]
-    checkpoint = os.path.join(directory, f"rank{hvd.rank()}.pt")
+    checkpoint = os.path.join(directory, f"rank{rank}.pt")
     if mode == "resume":
         model.load_state_dict(torch.load(checkpoint), strict=True)
     layers = [m for m in model.modules() if isinstance(m, ShuffleBatchNorm)]
     used = {}
     for step in steps:
-        g = torch.Generator().manual_seed(100 * step + hvd.rank())
+        g = torch.Generator().manual_seed(100 * step + rank)
         model(torch.randn(5, 2, 3, generator=g)).sum().backward()
         used[step] = [list(layer.last_permutation) for layer in layers]
+    # Every rank is done before any leaves: a rank that leaves early shuts Horovod down for all.
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        dist.barrier()
+    else:
+        hvd.allreduce(torch.zeros(1), name="resume.done")
     if mode == "first":
         torch.save(model.state_dict(), checkpoint)
-    if hvd.rank() == 0:
+    if rank == 0:
         with open(os.path.join(directory, f"{mode}.json"), "w") as f:
             json.dump({"permutations": used, "steps": [layer.step for layer in layers],
                        "running_mean": layers[0].running_mean.tolist()}, f)

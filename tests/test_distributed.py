@@ -1,5 +1,6 @@
-"""The distributed checks of dist_worker.py at several world sizes, with both controllers and both
-transports (under mpirun, "auto" is the MPI transport; under Gloo, the Horovod one)."""
+"""The distributed checks of dist_worker.py at several world sizes, with both Horovod controllers,
+all three multi-process transports (under mpirun, "auto" is the MPI transport; under Horovod's
+Gloo, the Horovod one; under torchrun, torch.distributed on Gloo)."""
 import json
 
 import pytest
@@ -15,6 +16,7 @@ WORKER = ROOT / "tests" / "dist_worker.py"
     ("mpirun", 2, "auto"), ("mpirun", 3, "auto"), ("mpirun", 4, "auto"), ("mpirun", 8, "auto"),
     ("mpirun", 2, "horovod"), ("mpirun", 4, "horovod"),
     ("horovodrun-gloo", 3, "auto"), ("horovodrun-mpi", 2, "mpi"),
+    ("torchrun", 2, "auto"), ("torchrun", 3, "torch.distributed"), ("torchrun", 4, "auto"),
 ])
 def test_layer_matches_float64_reference(launcher, ranks, transport, tmp_path):
     done = run(launcher, ranks, WORKER, SHUFFLEBN_TEST_DIR=str(tmp_path),
@@ -25,12 +27,13 @@ def test_layer_matches_float64_reference(launcher, ranks, transport, tmp_path):
 
 
 @pytest.mark.mpi
-def test_resume_replays_the_permutations(tmp_path):
+@pytest.mark.parametrize("launcher", ["mpirun", "torchrun"])
+def test_resume_replays_the_permutations(launcher, tmp_path):
     """Steps 0-2, save, then a NEW process loads and runs steps 3-5: the same permutations (and
     running statistics) as one uninterrupted run of steps 0-5. 4 ranks: 9 derangements."""
     script = ROOT / "tests" / "resume_worker.py"
     for mode in ("full", "first", "resume"):
-        done = run("mpirun", 4, script, mode, str(tmp_path))
+        done = run(launcher, 4, script, mode, str(tmp_path))
         assert done.returncode == 0, f"{mode} run failed (exit {done.returncode})"
     full, first, resumed = (json.loads((tmp_path / f"{m}.json").read_text())
                             for m in ("full", "first", "resume"))
@@ -46,3 +49,15 @@ def test_torch_compile_matches_eager():
     done = run("mpirun", 2, ROOT / "tests" / "compile_worker.py")
     assert done.returncode == 0, f"a rank failed (exit {done.returncode})"
     assert "PASS torch.compile matches eager" in done.stdout
+
+
+@pytest.mark.mpi
+def test_lightning_plugin_trains_with_shuffled_statistics():
+    """Trainer(strategy="ddp", plugins=[ShuffleBatchNormPlugin()]), 2 CPU processes."""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "lightning_worker.py")], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    print(done.stdout)
+    assert done.returncode == 0
+    assert "PASS lightning rank 0" in done.stdout and "PASS lightning rank 1" in done.stdout

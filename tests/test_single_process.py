@@ -103,10 +103,14 @@ def test_invalid_permutation_arguments(bad):
         ShuffleBatchNorm(3, permutation=bad)
 
 
-def test_training_before_hvd_init_is_a_clear_error():
+def test_training_before_hvd_init_is_a_clear_error(monkeypatch):
     import horovod.torch as hvd
     assert not hvd.is_initialized()
     with pytest.raises(ShuffleBatchNormError, match=r"call hvd.init\(\)"):
+        ShuffleBatchNorm(3, transport="horovod")(torch.randn(4, 3))
+    # "auto" in a process that a launcher started as one of several: no silent fallback.
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    with pytest.raises(ShuffleBatchNormError, match="neither Horovod nor torch.distributed"):
         ShuffleBatchNorm(3)(torch.randn(4, 3))
 
 
@@ -181,19 +185,80 @@ def test_timeout_from_argument_or_environment(monkeypatch):
 def test_recompute_records_match_by_statistics():
     from hvd_shufflebn.recompute import CAPACITY, Record, Records
     records = Records()
-    mean = torch.tensor([1.0, 2.0])
+    mean = torch.tensor([[1.0, 2.0]])
 
-    def record(step, m, count=4):
-        return Record(step, (1, 0), count, m, m + 1, m * 0, m * 0)
+    def record(step, m, counts=(4,)):
+        return Record(step, (1, 0), None, True, [2], list(counts), m, m + 1, m * 0, m * 0)
     records.add(record(0, mean))
     records.add(record(1, mean + 1))
     records.add(record(2, mean))  # the same input twice: the older one is replayed first
-    assert records.take(mean + 1, mean + 2, 4).step == 1
-    assert records.take(mean, mean + 1, 5) is None  # another count
-    assert records.take(mean * (1 + 1e-7), mean * (1 + 1e-7) + 1, 4).step == 0  # not bit-exact
-    assert records.take(mean, mean + 1, 4).step == 2
-    assert records.take(mean, mean + 1, 4) is None and len(records) == 0
-    assert records.take(mean * 1.01, mean + 1, 4) is None
+    assert records.take(mean + 1, mean + 2, [4]).step == 1
+    assert records.take(mean, mean + 1, [5]) is None  # another count
+    assert records.take(mean * (1 + 1e-7), mean * (1 + 1e-7) + 1, [4]).step == 0  # not bit-exact
+    assert records.take(mean, mean + 1, [4]).step == 2
+    assert records.take(mean, mean + 1, [4]) is None and len(records) == 0
+    assert records.take(mean * 1.01, mean + 1, [4]) is None
     for step in range(CAPACITY + 5):
         records.add(record(step, mean + step))
-    assert len(records) == CAPACITY and records.take(mean, mean + 1, 4) is None  # oldest dropped
+    assert len(records) == CAPACITY and records.take(mean, mean + 1, [4]) is None  # oldest dropped
+
+
+@pytest.mark.parametrize("k,spec,shape", [(2, "derangement", (7, 3)), (3, "random", (8, 3, 5)),
+                                          (4, "shift", (9, 3, 2, 2))])
+def test_groups_in_one_process_match_the_reference(k, spec, shape):
+    """One process, no launcher: the batch in k groups that lend to each other (one-GPU MoCo)."""
+    from reference import reference_groups, reference_running
+    torch.manual_seed(k)
+    layer = ShuffleBatchNorm(3, groups_per_rank=k, permutation=spec, seed=2, momentum=0.5,
+                             dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5)
+        layer.bias.uniform_(-0.5, 0.5)
+    perms_seen = set()
+    for step in range(4):
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        dy = torch.randn(shape, dtype=torch.float64)
+        before = (layer.running_mean.clone(), layer.running_var.clone())
+        layer.weight.grad = layer.bias.grad = None
+        y = layer(x)
+        y.backward(dy)
+        perm = layer.last_permutation
+        perms_seen.add(perm)
+        assert len(perm) == k and layer.step == step + 1
+        ys, dxs, dws, dbs = reference_groups([x.detach()], [dy], [layer.weight.detach()],
+                                             [layer.bias.detach()], perm, layer.eps, k)
+        for actual, expected in ((y, ys[0]), (x.grad, dxs[0]), (layer.weight.grad, dws[0]),
+                                 (layer.bias.grad, dbs[0])):
+            torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9)
+        mean, var = reference_running([x.detach()], *before, 0.5)
+        torch.testing.assert_close(layer.running_mean, mean, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(layer.running_var, var, rtol=1e-9, atol=1e-9)
+    if spec == "derangement":
+        assert all(p[g] != g for p in perms_seen for g in range(k))
+    with pytest.raises(ShuffleBatchNormError, match="more than 1 value per channel in each"):
+        layer(torch.randn(k - 1, 3, *shape[2:], dtype=torch.float64))
+
+
+def test_works_without_horovod_or_mpi4py():
+    """import and one-process use need only torch; a Horovod transport says what to install."""
+    code = """
+import sys
+sys.modules["horovod"] = None  # as if not installed: importing it raises ImportError
+sys.modules["mpi4py"] = None
+import torch
+import hvd_shufflebn
+from hvd_shufflebn import ShuffleBatchNorm, ShuffleBatchNormError
+layer = ShuffleBatchNorm(4, groups_per_rank=2)
+layer(torch.randn(6, 4, requires_grad=True)).sum().backward()
+assert layer.last_permutation == (1, 0)
+try:
+    ShuffleBatchNorm(4, transport="horovod")(torch.randn(6, 4))
+except ShuffleBatchNormError as error:
+    assert "pip install horovod" in str(error), error
+    print("PASS without horovod")
+"""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "PASS without horovod" in done.stdout, done.stderr

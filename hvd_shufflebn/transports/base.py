@@ -1,0 +1,68 @@
+"""What every transport does: one interface, so the math is written once (functional.py).
+
+A transport moves rows of float64 statistics between the ranks of one group and sums small
+vectors over them; every wait is bounded (waits.py). The forward exchange sums a header first and
+calls ``check`` on it before anything received is used (agreement.py).
+"""
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from ..agreement import raise_unless_all_ranks_agree
+from ..errors import ShuffleBatchNormError
+from ..waits import WaitContext
+
+Rows = Dict[int, torch.Tensor]  # peer rank -> rows (n, L), in the order routing.py defines
+
+
+class Transport:
+    rank: int
+    size: int
+    stall_board = None  # where waiting ranks tell each other where they wait (waits.py)
+    broken: Optional[str] = None  # set when a wait timed out: late messages would be mismatched
+
+    def exchange(self, name: str, rows: Rows, expect: Dict[int, int], width: int, device,
+                 context: WaitContext,
+                 header: Optional[torch.Tensor] = None, sums: Optional[torch.Tensor] = None,
+                 check: Optional[Callable[[torch.Tensor], None]] = None
+                 ) -> Tuple[Rows, Optional[torch.Tensor]]:
+        """Send ``rows[d]`` to rank ``d`` and receive ``expect[s]`` rows (of ``width`` float64
+        values, returned on ``device``) from rank ``s``; if given,
+        sum ``header`` and ``sums`` over all ranks and call ``check`` on the summed header before
+        the rows are used (``check`` raises when the exchange must not be used). Returns the
+        received rows by source rank and the summed ``sums``."""
+        raise NotImplementedError
+
+    def sum(self, name: str, totals: torch.Tensor, context: WaitContext) -> torch.Tensor:
+        raise NotImplementedError
+
+    def gather_objects(self, name: str, obj, context: WaitContext) -> List[object]:
+        """Every rank's ``obj``, in rank order (slow; for the error path only)."""
+        raise NotImplementedError
+
+    # Transports whose collectives abort or mismatch on vectors of different lengths (MPI,
+    # torch.distributed) check once per layer, before its first exchange, that all ranks agree
+    # on num_features; their worlds never change size within a process, so once is enough.
+    # Horovod's header names a mismatch instead (its world can change: elastic).
+    AGREE_ON_LENGTHS_FIRST = False
+
+    def agree_before_first_exchange(self, layer: str, num_features: int,
+                                    context: WaitContext) -> None:
+        if not self.AGREE_ON_LENGTHS_FIRST:
+            return
+        agreed = self.__dict__.setdefault("_agreed", set())
+        if layer not in agreed:
+            raise_unless_all_ranks_agree(self, layer + ".num_features", "num_features",
+                                         num_features, context)
+            agreed.add(layer)
+
+    def check_usable(self) -> None:
+        if self.broken is not None:
+            raise ShuffleBatchNormError(
+                "ShuffleBatchNorm cannot exchange any more in this process: an earlier wait timed "
+                f"out and a late message could be taken for a new one. That wait: {self.broken}")
+
+
+def empty_rows(expect: Dict[int, int], width: int, device) -> Rows:
+    return {source: torch.empty(n, width, dtype=torch.float64, device=device)
+            for source, n in expect.items()}

@@ -1,0 +1,19 @@
+"""One process: every group lends to another group of the same batch; nothing to send."""
+from .base import Transport
+
+
+class LocalTransport(Transport):
+    rank, size = 0, 1
+
+    def exchange(self, name, rows, expect, width, device, context, header=None, sums=None,
+                 check=None):
+        assert not rows and not expect, "one process has no other rank to exchange with"
+        if header is not None:
+            check(header)
+        return {}, sums
+
+    def sum(self, name, totals, context):
+        return totals
+
+    def gather_objects(self, name, obj, context):
+        return [obj]

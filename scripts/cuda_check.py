@@ -1,0 +1,111 @@
+"""The CUDA checks, for any machine with a GPU (no Horovod needed):
+
+    python scripts/cuda_check.py
+
+1. groups on one process: ShuffleBatchNorm(groups_per_rank=k) on CUDA tensors (float32,
+   float16 under autocast, channels_last) against the float64 reference computed on the CPU;
+2. the torch.distributed transport with CUDA tensors on 2 processes: NCCL when there are 2 GPUs
+   or more, Gloo (rows staged through the host) otherwise.
+
+It prints one line per check (PASS, FAIL or SKIP with the reason) and exits non-zero on a FAIL.
+"""
+import os
+import sys
+import tempfile
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+from hvd_shufflebn import ShuffleBatchNorm  # noqa: E402
+from reference import reference_groups, reference_running  # noqa: E402
+
+
+def report(name, ok, detail=""):
+    print(f"{'PASS' if ok else 'FAIL'} {name}{': ' + detail if detail else ''}", flush=True)
+    return ok
+
+
+def check_groups_one_process(device):
+    ok = True
+    for k, dtype, channels_last in ((2, torch.float32, False), (4, torch.float32, True),
+                                    (3, torch.float16, False)):
+        torch.manual_seed(k)
+        layer = ShuffleBatchNorm(8, groups_per_rank=k, momentum=0.5).to(device)
+        x = torch.randn(4 * k + 1, 8, 6, 6, device=device)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        x = x.to(dtype).requires_grad_()
+        dy = torch.randn_like(x)
+        before = (layer.running_mean.clone(), layer.running_var.clone())
+        y = layer(x)
+        y.backward(dy)
+        ys, dxs, dws, dbs = reference_groups([x.detach().cpu().double()], [dy.cpu().double()],
+                                             [layer.weight.detach().cpu()],
+                                             [layer.bias.detach().cpu()],
+                                             layer.last_permutation, layer.eps, k)
+        tol = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+        errors = [float((a.detach().cpu().double() - b).abs().max())
+                  for a, b in ((y, ys[0]), (x.grad, dxs[0]), (layer.weight.grad, dws[0]),
+                               (layer.bias.grad, dbs[0]))]
+        mean, _ = reference_running([x.detach().cpu()], *[t.cpu() for t in before], 0.5)
+        errors.append(float((layer.running_mean.cpu().double() - mean).abs().max()))
+        good = all(e <= tol["atol"] + tol["rtol"] for e in errors)
+        if channels_last:
+            good &= y.is_contiguous(memory_format=torch.channels_last)
+        ok &= report(f"groups on one process, k={k}, {dtype}, channels_last={channels_last}",
+                     good, f"max errors {', '.join(f'{e:.1e}' for e in errors)}")
+    return ok
+
+
+def distributed_worker(rank, size, backend, path):
+    import torch.distributed as dist
+    dist.init_process_group(backend, init_method=f"file://{path}", rank=rank, world_size=size)
+    device = torch.device("cuda", rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    layer = ShuffleBatchNorm(8, groups_per_rank=2).to(device)
+    torch.manual_seed(rank)
+    x = torch.randn(6, 8, 4, 4, device=device, requires_grad=True)
+    dy = torch.randn_like(x)
+    layer(x).backward(dy)
+    y = layer(x)  # step 2: the output of a fresh forward, checked below
+    y.backward(dy)
+    everyone = [None] * size
+    dist.all_gather_object(everyone, (x.detach().cpu(), dy.cpu(), y.detach().cpu(),
+                                      layer.weight.detach().cpu(), layer.bias.detach().cpu()))
+    ys, _, _, _ = reference_groups([e[0].double() for e in everyone],
+                                   [e[1].double() for e in everyone],
+                                   [e[3] for e in everyone], [e[4] for e in everyone],
+                                   layer.last_permutation, layer.eps, 2)
+    error = max(float((e[2].double() - ys[r]).abs().max()) for r, e in enumerate(everyone))
+    if rank == 0:
+        report(f"torch.distributed transport, {backend}, CUDA tensors, {size} processes",
+               error < 1e-3, f"max output error {error:.1e}")
+        if error >= 1e-3:
+            sys.exit(1)
+
+
+def main():
+    if not torch.cuda.is_available():
+        print("SKIP all: no CUDA device here (torch.cuda.is_available() is False)")
+        return 0
+    print(f"device: {torch.cuda.get_device_name(0)}, {torch.cuda.device_count()} GPU(s), "
+          f"torch {torch.__version__}", flush=True)
+    ok = check_groups_one_process(torch.device("cuda"))
+    backend = "nccl" if torch.cuda.device_count() >= 2 else "gloo"
+    if backend == "gloo":
+        print("note: one GPU, so NCCL (one device per process) cannot run here; Gloo instead")
+    with tempfile.TemporaryDirectory() as tmp:
+        context = torch.multiprocessing.spawn(distributed_worker, args=(2, backend,
+                                                                        os.path.join(tmp, "rdzv")),
+                                              nprocs=2, join=False)
+        try:
+            while not context.join(timeout=300):
+                pass
+        except Exception as error:  # noqa: BLE001
+            ok = report("torch.distributed transport with CUDA tensors", False, repr(error))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
