@@ -13,7 +13,7 @@ and bn2 "random" (their permutations change from step to step at any size); bn2 
 track_running_stats=False. At every step every rank checks, for each of them:
 
 * its output, input gradient and local weight and bias gradients, and the gradients the
-  DistributedOptimizer averaged, against the float64 reference of tests/dist_worker.py computed
+  DistributedOptimizer averaged, against the float64 reference of tests/reference.py computed
   from all ranks' inputs and upstream gradients;
 * that all ranks used the same permutation, the one the seed and the step give at this size,
   and that the layer's step (num_batches_tracked for bn0 and bn1) is the training step on every
@@ -60,7 +60,7 @@ from torch import nn
 import horovod.torch as hvd
 from horovod.common.elastic import ObjectState
 from horovod.common.exceptions import HorovodInternalError
-from dist_worker import reference  # the float64 autograd reference of the other distributed tests
+from reference import reference  # the float64 autograd reference of the other distributed tests
 from hvd_shufflebn import ShuffleBatchNorm, ShuffleBatchNormError
 from hvd_shufflebn.permutation import permutation_for
 
