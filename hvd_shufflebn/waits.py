@@ -79,13 +79,13 @@ def timeout_error(context: WaitContext, transport, waiting_for: str) -> ShuffleB
             heard = board.post_and_read(context.status(), grace, context.timeout + grace)
         except Exception:  # the diagnosis is best effort; the timeout error is what matters
             heard = None
-    message = describe_timeout(context, transport.rank, transport.size, waiting_for, heard)
+    message = describe_timeout(context, transport.rank, transport.size, waiting_for, heard, grace)
     transport.broken = message
     return ShuffleBatchNormError(message)
 
 
 def describe_timeout(context: WaitContext, rank: int, size: int, waiting_for: str,
-                     heard: Optional[Dict[int, tuple]]) -> str:
+                     heard: Optional[Dict[int, tuple]], grace: float) -> str:
     lines = [f"ShuffleBatchNorm {context.layer!r} (process set of {size} ranks), step "
              f"{context.step}, {context.phase}: rank {rank} waited {context.timeout:g} s for "
              f"{waiting_for} and gave up."]
@@ -103,8 +103,8 @@ def describe_timeout(context: WaitContext, rank: int, size: int, waiting_for: st
         if elsewhere:
             lines.append("; ".join(elsewhere) + ".")
         if silent:
-            lines.append(f"Did not hear from ranks {silent}: they are not waiting in any "
-                         "ShuffleBatchNorm layer.")
+            lines.append(f"Did not hear from ranks {silent} within {grace:g} s: they are not "
+                         "waiting in any ShuffleBatchNorm layer, or began waiting later.")
     lines.append(
         "Likely causes: a rank is in eval mode while the others train (call model.train() on "
         "every rank); a rank skipped this layer or calls layers in a different order; a rank "

@@ -221,7 +221,7 @@ def test_job_survives_a_worker_that_exits_with_an_error(tmp_path, where, mode, u
         errors = [r for r in rs if r["event"] == "horovod_internal_error"]
         assert len(errors) == 1 and errors[0]["step"] == 4, errors
         frames = errors[0]["frames"]
-        assert layer in frames and "hvd_shufflebn/transports/horovod.py:_wait" in frames, frames
+        assert layer in frames and "transports/horovod.py:_wait" in frames, frames
         retrain = next(r for r in rs if r["event"] == "train" and r["time"] > errors[0]["time"])
         assert (retrain["step"], retrain["size"], retrain["bn_steps"]) == (4, 2, [4] * 3), retrain
 

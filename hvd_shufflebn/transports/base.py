@@ -63,6 +63,14 @@ class Transport:
                 f"out and a late message could be taken for a new one. That wait: {self.broken}")
 
 
+def rows_from(expect: Dict[int, int]) -> str:
+    """What a wait for these rows is waiting for, in words."""
+    ranks = sorted(expect)
+    if not ranks:
+        return "no rows (the others' part of the exchange)"
+    return f"the rows of rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+
+
 def empty_rows(expect: Dict[int, int], width: int, device) -> Rows:
     return {source: torch.empty(n, width, dtype=torch.float64, device=device)
             for source, n in expect.items()}

@@ -9,7 +9,7 @@ from horovod.common.exceptions import HorovodInternalError
 
 from ..errors import ShuffleBatchNormError
 from ..waits import WaitContext, wait_until
-from .base import Transport
+from .base import Transport, rows_from
 
 # Horovod's own synchronize() sleeps 1 ms between polls; ours does the same, with a deadline.
 _POLL_PAUSE = 0.001
@@ -66,8 +66,7 @@ class HorovodTransport(Transport):
                 self._drain(moved, sums_handle, context=context)
                 raise
             summed = self._wait(sums_handle, context, everyone).to(device)
-        sources = ", ".join(map(str, sorted(expect))) or "no rank"
-        received, received_splits = self._wait(moved, context, f"the rows of ranks {sources}")
+        received, received_splits = self._wait(moved, context, rows_from(expect))
         chunks = received.to(device).split(received_splits.tolist())
         return {source: chunks[source] for source in expect}, summed
 

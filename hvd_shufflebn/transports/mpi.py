@@ -9,7 +9,7 @@ import torch
 
 from ..errors import ShuffleBatchNormError
 from ..waits import wait_until
-from .base import Transport, empty_rows
+from .base import Transport, empty_rows, rows_from
 
 
 class MPITransport(Transport):
@@ -45,8 +45,7 @@ class MPITransport(Transport):
         requests = [self.comm.Irecv(buffer.numpy(), source, 0)
                     for source, buffer in received.items()]
         requests += [self.comm.Isend(r.numpy(), dest, 0) for dest, r in sent.items()]
-        sources = ", ".join(map(str, sorted(expect))) or "no rank"
-        self._wait(requests, context, f"the rows of ranks {sources}")
+        self._wait(requests, context, rows_from(expect))
         return {source: r.to(device) for source, r in received.items()}, summed
 
     def _wait(self, requests, context, waiting_for):
@@ -85,7 +84,11 @@ class MPITransport(Transport):
 
 class MPIStallBoard:
     """Posts on a communicator of its own (so nothing else can match them): each waiting rank
-    sends its status to every other rank, then collects what arrives within the grace period."""
+    sends its status to every other rank, then collects what arrives within the grace period.
+
+    The first rank to raise exits, and Horovod's shutdown then finalises MPI in every rank's
+    background thread, under any MPI call still running: so each post carries the time its
+    sender stops listening, and a rank stays until the last rank it heard from is done too."""
 
     TAG = 4242
 
@@ -95,18 +98,20 @@ class MPIStallBoard:
     def post_and_read(self, status: tuple, grace: float, max_age: float) -> Dict[int, tuple]:
         from mpi4py import MPI
         me, size = self.comm.Get_rank(), self.comm.Get_size()
+        listen_until = time.time() + grace
         # Small messages leave eagerly; a rank that never receives does not block us.
         for other in range(size):
             if other != me:
-                self.comm.isend(status, dest=other, tag=self.TAG)
+                self.comm.isend((tuple(status), listen_until), dest=other, tag=self.TAG)
         heard, probe = {}, MPI.Status()
-        deadline = time.monotonic() + grace
-        while len(heard) < size - 1 and time.monotonic() < deadline:
+        while len(heard) < size - 1 and time.time() < listen_until and not MPI.Is_finalized():
             if self.comm.iprobe(source=MPI.ANY_SOURCE, tag=self.TAG, status=probe):
                 source = probe.Get_source()
-                heard[source] = self.comm.recv(source=source, tag=self.TAG)
+                heard[source], their_end = self.comm.recv(source=source, tag=self.TAG)
+                listen_until = max(listen_until, min(their_end, time.time() + grace))
             else:
                 time.sleep(0.01)
+        time.sleep(max(0.0, listen_until - time.time()))
         return heard
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from ..waits import wait_until
-from .base import Transport
+from .base import Transport, rows_from
 
 
 class TorchDistributedTransport(Transport):
@@ -55,8 +55,7 @@ class TorchDistributedTransport(Transport):
                                device=self._device)
         work = dist.all_to_all_single(received, sent.contiguous(), receive_counts, send_counts,
                                       group=self.group, async_op=True)
-        sources = ", ".join(map(str, sorted(expect))) or "no rank"
-        self._wait([work], context, f"the rows of ranks {sources}")
+        self._wait([work], context, rows_from(expect))
         chunks = received.to(device).split(receive_counts)
         return {source: chunks[source] for source in expect}, summed
 
