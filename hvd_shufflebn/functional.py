@@ -12,6 +12,7 @@ m, v: per-channel mean and biased variance; s = 1/sqrt(v + eps); M: values per c
               adds what it receives to its direct term:
               dx_q = w s_{p[q]} dy_q + g_m / M_q + g_v * 2 (x_q - m_q) / M_q
 """
+import zlib
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -94,7 +95,8 @@ def exchange_statistics(transport, report: Report, route: Route, mean: torch.Ten
     rows = {dest: packets[groups] for dest, groups in route.sends.items()}
     expect = {source: len(groups) for source, groups in route.receives.items()}
     received, summed = transport.exchange(report.layer, rows, expect, 2 * c + 1, mean.device,
-                                          context, make_header(report, mean.device), sums, check)
+                                          context, make_header(report, mean.device), sums, check,
+                                          match=match_key(report.layer, route.perm, context))
     borrowed = torch.empty(len(counts), 2 * c, dtype=torch.float64, device=mean.device)
     for borrower, lender in route.local:
         borrowed[borrower] = packets[lender, :2 * c]
@@ -102,6 +104,12 @@ def exchange_statistics(transport, report: Report, route: Route, mean: torch.Ten
         borrowed[groups] = received[source][:, :2 * c]
     borrowed_mean, borrowed_var = borrowed.to(mean.dtype).split(c, dim=1)
     return borrowed_mean, borrowed_var, summed
+
+
+def match_key(layer: str, perm: Sequence[int], context: WaitContext) -> int:
+    """Equal on two ranks if they agree on layer, step, direction and permutation (and almost
+    surely different otherwise)."""
+    return zlib.crc32(f"{layer}:{context.step}:{context.phase}:{list(perm)}".encode())
 
 
 def update_running_stats(running_mean, running_var, summed: torch.Tensor, factor: float) -> None:
@@ -219,7 +227,8 @@ def _gradient_of_own_statistics(ctx, weight, borrowed_var, sum_dy, sum_dy_xmu_in
         context = ctx.backward_context
         received, _ = ctx.transport.exchange(context.layer + ".grad", rows, expect,
                                              grad_borrowed.shape[1], grad_borrowed.device,
-                                             context)
+                                             context,
+                                             match=match_key(context.layer, route.perm, context))
         for borrower_rank, groups in route.sends.items():
             grad_own[groups] = received[borrower_rank]
     return grad_own

@@ -314,6 +314,12 @@ def case_bad_inputs():
     # Permutations that differ between ranks, or are not permutations on one rank.
     layer.permutation = "shift" if RANK != bad else list(range(SIZE))
     expect_error(lambda: layer(good()), "disagree on the permutation")
+    # The same step again, now agreed on "shift": rows sent in the exchange that raised (rank
+    # bad+1 -> rank bad) must not be taken for this step's.
+    layer.permutation = "shift"
+    run_and_check(layer, (3, 4, 5), torch.float32, steps=1, seed=77)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    step = layer.step
     layer.permutation = lambda step, size: list(range(size)) if RANK != bad else [0] * size
     expect_error(lambda: layer(good()), f"rank {bad}", "invalid permutation")
     unchanged()

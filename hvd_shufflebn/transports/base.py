@@ -24,13 +24,15 @@ class Transport:
     def exchange(self, name: str, rows: Rows, expect: Dict[int, int], width: int, device,
                  context: WaitContext,
                  header: Optional[torch.Tensor] = None, sums: Optional[torch.Tensor] = None,
-                 check: Optional[Callable[[torch.Tensor], None]] = None
+                 check: Optional[Callable[[torch.Tensor], None]] = None, match: int = 0
                  ) -> Tuple[Rows, Optional[torch.Tensor]]:
         """Send ``rows[d]`` to rank ``d`` and receive ``expect[s]`` rows (of ``width`` float64
         values, returned on ``device``) from rank ``s``; if given,
         sum ``header`` and ``sums`` over all ranks and call ``check`` on the summed header before
-        the rows are used (``check`` raises when the exchange must not be used). Returns the
-        received rows by source rank and the summed ``sums``."""
+        the rows are used (``check`` raises when the exchange must not be used). ``match`` is
+        equal on two ranks only if they agree on the layer, step, direction and permutation
+        (for transports that match point-to-point messages). Returns the received rows by
+        source rank and the summed ``sums``."""
         raise NotImplementedError
 
     def sum(self, name: str, totals: torch.Tensor, context: WaitContext) -> torch.Tensor:

@@ -42,7 +42,7 @@ class HorovodTransport(Transport):
         return hvd.synchronize(handle)
 
     def exchange(self, name, rows, expect, width, device, context, header=None, sums=None,
-                 check=None):
+                 check=None, match=0):
         self.check_usable()
         splits = torch.zeros(self.size, dtype=torch.int32)
         parts = []

@@ -3,6 +3,7 @@ Horovod's background thread (a negotiation cycle, about a millisecond)."""
 import atexit
 import pickle
 import time
+import zlib
 from typing import Dict
 
 import torch
@@ -16,37 +17,61 @@ class MPITransport(Transport):
     """mpi4py on a duplicate of the process set's MPI communicator; rows are staged through host
     memory.
 
-    The sum and its check come BEFORE the point-to-point moves: a receive from a rank that sends
-    elsewhere (ranks that disagree on the permutation) would hang. MPI matches messages by order
-    and length only: lengths are agreed first (base.py).
+    The forward waits once: the sum and the point-to-point moves start together. A receive must
+    then never be matched by a row that was not meant for it (ranks that disagree on the
+    permutation or the layer, a row left over from an exchange that raised): every message is
+    tagged with ``match`` (equal on two ranks only if they agree on layer, step, direction and
+    permutation) and with how many exchanges of this transport have raised so far (the same on
+    every rank, since they raise together). When the summed header says something is wrong, the
+    receives are cancelled before the error is raised. MPI matches messages by order and length
+    only: lengths are agreed first (base.py).
     """
 
     AGREE_ON_LENGTHS_FIRST = True
 
     def __init__(self, process_set):
+        from mpi4py import MPI
         self.comm = duplicate_communicator(process_set)
         self.rank = self.comm.Get_rank()
         self.size = self.comm.Get_size()
         self.stall_board = MPIStallBoard(duplicate_communicator(process_set))
+        self._tag_bound = min(self.comm.Get_attr(MPI.TAG_UB), 2 ** 31 - 1)
+        self._failed_exchanges = 0
 
     def exchange(self, name, rows, expect, width, device, context, header=None, sums=None,
-                 check=None):
+                 check=None, match=0):
         self.check_usable()
+        tag = zlib.crc32(f"{match}:{self._failed_exchanges}".encode()) % self._tag_bound
+        received = empty_rows(expect, width, "cpu")
+        sent = {dest: r.cpu().contiguous() for dest, r in rows.items()}  # alive until done
+        receives = [self.comm.Irecv(buffer.numpy(), source, tag)
+                    for source, buffer in received.items()]
+        sends = [self.comm.Isend(r.numpy(), dest, tag) for dest, r in sent.items()]
         summed = None
         if header is not None:
             totals = torch.cat([header, sums]).cpu()
             result = torch.empty_like(totals)
             self._wait([self.comm.Iallreduce(totals.numpy(), result.numpy())], context,
                        "the sum over all ranks")
-            check(result[:header.numel()])
+            try:
+                check(result[:header.numel()])
+            except ShuffleBatchNormError:
+                self._abandon(receives, sends)
+                raise
             summed = result[header.numel():].to(device)
-        received = empty_rows(expect, width, "cpu")
-        sent = {dest: r.cpu().contiguous() for dest, r in rows.items()}  # alive until done
-        requests = [self.comm.Irecv(buffer.numpy(), source, 0)
-                    for source, buffer in received.items()]
-        requests += [self.comm.Isend(r.numpy(), dest, 0) for dest, r in sent.items()]
-        self._wait(requests, context, rows_from(expect))
+        self._wait(receives + sends, context, rows_from(expect))
         return {source: r.to(device) for source, r in received.items()}, summed
+
+    def _abandon(self, receives, sends):
+        """An exchange that raised on every rank: no receive of ours may take a later row, and
+        later tags differ from this one's, so no later receive takes a row of this one."""
+        from mpi4py import MPI
+        self._failed_exchanges += 1
+        for request in receives:
+            request.Cancel()
+        MPI.Request.Waitall(receives)  # a cancelled (or completed) receive returns at once
+        for request in sends:  # a send nobody receives finishes in the background, or never
+            request.Free()
 
     def _wait(self, requests, context, waiting_for):
         from mpi4py import MPI

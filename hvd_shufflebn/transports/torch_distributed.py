@@ -36,7 +36,7 @@ class TorchDistributedTransport(Transport):
             work.wait()  # done: raises what the backend reported, if anything
 
     def exchange(self, name, rows, expect, width, device, context, header=None, sums=None,
-                 check=None):
+                 check=None, match=0):
         self.check_usable()
         summed = None
         if header is not None:
