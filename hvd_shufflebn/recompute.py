@@ -20,16 +20,23 @@ import torch
 CAPACITY = 32
 
 
+# torch.utils.checkpoint itself relies on both (torch >= 2.1, what setup.cfg asks for).
+_graph_task_id = torch._C._current_graph_task_id
+_top_saved_tensors_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
 def in_backward() -> bool:
     """Whether we run inside a backward pass: that is where checkpointing recomputes."""
-    return torch._C._current_graph_task_id() != -1
+    return _graph_task_id() != -1
 
 
 def may_be_recomputed() -> bool:
     """Whether this forward could be recomputed later: reentrant checkpointing runs the first
-    forward without grad, the non-reentrant kind with saved-tensor hooks in place."""
-    return (not torch.is_grad_enabled()
-            or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None)
+    forward without grad, the non-reentrant kind with saved-tensor hooks in place (if torch
+    cannot tell us about hooks, assume it could: records are small and bounded)."""
+    if not torch.is_grad_enabled() or _top_saved_tensors_hooks is None:
+        return True
+    return _top_saved_tensors_hooks(False) is not None
 
 
 class Record(NamedTuple):
