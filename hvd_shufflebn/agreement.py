@@ -6,7 +6,7 @@ gradient needed on some ranks only), every rank gathers every rank's report and 
 ShuffleBatchNormError naming the ranks and the problem. The slow gather happens only then.
 """
 import zlib
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional
 
 import torch
 

@@ -1,6 +1,5 @@
 """ShuffleBatchNorm, a drop-in torch.nn.BatchNorm*d, and the helpers that swap it in and out."""
 import itertools
-import os
 import warnings
 from typing import Optional
 

@@ -8,7 +8,7 @@ back in the backward one. Rows between two ranks travel in the order of the borr
 index, which both sides know, so no row needs a label.
 """
 import functools
-from typing import Dict, List, NamedTuple, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Tuple
 
 
 class Route(NamedTuple):
