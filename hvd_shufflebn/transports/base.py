@@ -73,6 +73,21 @@ def rows_from(expect: Dict[int, int]) -> str:
     return f"the rows of rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
 
 
+def pack_rows(rows: Rows, size: int, width: int) -> Tuple[torch.Tensor, List[int]]:
+    """The rows of an all-to-all: concatenated in rank order, and how many go to each rank."""
+    counts = [rows[r].shape[0] if r in rows else 0 for r in range(size)]
+    if not rows:
+        return torch.empty(0, width, dtype=torch.float64), counts
+    return torch.cat([rows[r] for r in sorted(rows)]), counts
+
+
+def unpack_rows(received: torch.Tensor, counts: List[int], expect: Dict[int, int],
+                device) -> Rows:
+    """The received rows of an all-to-all (``counts`` per source rank), by source rank."""
+    chunks = received.to(device).split(counts)
+    return {source: chunks[source] for source in expect}
+
+
 def empty_rows(expect: Dict[int, int], width: int, device) -> Rows:
     return {source: torch.empty(n, width, dtype=torch.float64, device=device)
             for source, n in expect.items()}

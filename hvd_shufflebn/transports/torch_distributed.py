@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from ..waits import wait_until
-from .base import Transport, rows_from
+from .base import Transport, pack_rows, rows_from, unpack_rows
 
 
 class TorchDistributedTransport(Transport):
@@ -47,17 +47,15 @@ class TorchDistributedTransport(Transport):
             summed = totals[header.numel():].to(device)
         # One all_to_all_single with a row count per peer (most of them 0): a collective, so its
         # completion can be polled on every backend, and consistent once the header agreed.
-        send_counts = [rows[r].shape[0] if r in rows else 0 for r in range(self.size)]
+        sent, send_counts = pack_rows(rows, self.size, width)
         receive_counts = [expect.get(r, 0) for r in range(self.size)]
-        sent = torch.cat([rows[r] for r in sorted(rows)]).to(self._device) if rows else \
-            torch.empty(0, width, dtype=torch.float64, device=self._device)
         received = torch.empty(sum(receive_counts), width, dtype=torch.float64,
                                device=self._device)
-        work = dist.all_to_all_single(received, sent.contiguous(), receive_counts, send_counts,
-                                      group=self.group, async_op=True)
+        work = dist.all_to_all_single(received, sent.to(self._device).contiguous(),
+                                      receive_counts, send_counts, group=self.group,
+                                      async_op=True)
         self._wait([work], context, rows_from(expect))
-        chunks = received.to(device).split(receive_counts)
-        return {source: chunks[source] for source in expect}, summed
+        return unpack_rows(received, receive_counts, expect, device), summed
 
     def sum(self, name, totals, context):
         self.check_usable()
