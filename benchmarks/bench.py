@@ -257,7 +257,7 @@ def shuffle_without_communication(c, x, dy):
                 transport, report, path, mean, var, counts, context)
             update_running_stats(layer.running_mean, layer.running_var, summed, 0.1)
             y = ShuffleBatchNormFunction.apply(x, w, b, mean, borrowed_mean, borrowed_var,
-                                               [x.shape[0]], counts, 1e-5, path, True, transport,
+                                               [x.shape[0]], counts, 1e-5, path, transport,
                                                context)
             torch.autograd.grad(y, [x, w, b], dy)
         run()

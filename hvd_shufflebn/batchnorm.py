@@ -13,9 +13,8 @@ from . import permutation as perms
 from . import recompute, routing
 from .agreement import Report
 from .errors import ShuffleBatchNormError
-from .functional import (ShuffleBatchNormFunction, accumulation_dtype, crosses_ranks,
-                         exchange_statistics, input_error, local_statistics, shape_error,
-                         update_running_stats)
+from .functional import (ShuffleBatchNormFunction, accumulation_dtype, exchange_statistics,
+                         input_error, local_statistics, shape_error, update_running_stats)
 from .transports import TRANSPORTS, make_transport
 from .waits import WaitContext, resolve_timeout
 
@@ -163,14 +162,13 @@ class ShuffleBatchNorm(_BatchNorm):
                                                                   var, counts, context)
         if update_running:
             update_running_stats(self.running_mean, self.running_var, summed, factor)
-        crosses = crosses_ranks(perm, k)
         output = ShuffleBatchNormFunction.apply(
             input, self.weight, self.bias, mean, borrowed_mean, borrowed_var, sizes, counts,
-            self.eps, route, crosses, transport,
+            self.eps, route, transport,
             WaitContext(self.name, step, "backward", self.timeout))
         if recompute.may_be_recomputed():
-            self._records.add(recompute.Record(step, perm, route, crosses, sizes, counts, mean,
-                                               var, borrowed_mean, borrowed_var))
+            self._records.add(recompute.Record(step, route, sizes, counts, mean, var,
+                                               borrowed_mean, borrowed_var))
         if update_running:
             self.num_batches_tracked.add_(1)
         else:
@@ -194,7 +192,7 @@ class ShuffleBatchNorm(_BatchNorm):
                 "block deterministic (same input, dropout under preserve_rng_state=True)?")
         return ShuffleBatchNormFunction.apply(
             input, self.weight, self.bias, mean, record.borrowed_mean, record.borrowed_var,
-            record.sizes, record.counts, self.eps, record.route, record.crosses, transport,
+            record.sizes, record.counts, self.eps, record.route, transport,
             WaitContext(self.name, record.step, "backward", self.timeout))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):

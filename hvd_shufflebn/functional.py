@@ -69,11 +69,6 @@ def local_statistics(input: torch.Tensor, num_features: int, sizes: Sequence[int
     return torch.stack(means), torch.stack(variances), [n * per_sample for n in sizes]
 
 
-def crosses_ranks(perm: Sequence[int], k: int) -> bool:
-    """Whether any group borrows from another rank (the same answer on every rank)."""
-    return any(t // k != lender // k for t, lender in enumerate(perm))
-
-
 def exchange_statistics(transport, report: Report, route: Route, mean: torch.Tensor,
                         var: torch.Tensor, counts: Sequence[int], context: WaitContext
                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -144,7 +139,7 @@ class ShuffleBatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, own_mean, borrowed_mean, borrowed_var,
                 sizes: Sequence[int], counts: Sequence[int], eps: float, route: Route,
-                crosses: bool, transport, backward_context: WaitContext):
+                transport, backward_context: WaitContext):
         acc = own_mean.dtype
         weight_acc = None if weight is None else weight.to(acc)
         bias_acc = None if bias is None else bias.to(acc)
@@ -158,7 +153,7 @@ class ShuffleBatchNormFunction(torch.autograd.Function):
                                                 borrowed_var[j], False, 0.0, eps)[0])
         ctx.save_for_backward(input, weight_acc, borrowed_mean, borrowed_var, own_mean)
         ctx.sizes, ctx.counts, ctx.eps, ctx.route = tuple(sizes), tuple(counts), eps, route
-        ctx.crosses, ctx.transport, ctx.backward_context = crosses, transport, backward_context
+        ctx.transport, ctx.backward_context = transport, backward_context
         ctx.param_dtype = None if weight is None else weight.dtype
         return output
 
@@ -206,7 +201,7 @@ class ShuffleBatchNormFunction(torch.autograd.Function):
             for j, (dx, x) in enumerate(zip(_chunks(direct, sizes), _chunks(input, sizes))):
                 dx.addcmul_(x, b[j].view(shape)).add_(c[j].view(shape))
             grad_input = direct
-        return (grad_input, grad_weight, grad_bias) + (None,) * 10
+        return (grad_input, grad_weight, grad_bias) + (None,) * 9
 
 
 def _gradient_of_own_statistics(ctx, weight, borrowed_var, sum_dy, sum_dy_xmu_invstd):
@@ -220,7 +215,7 @@ def _gradient_of_own_statistics(ctx, weight, borrowed_var, sum_dy, sum_dy_xmu_in
     grad_own = torch.zeros_like(grad_borrowed)
     for borrower, lender in route.local:
         grad_own[lender] = grad_borrowed[borrower]
-    if ctx.crosses:  # every rank knows whether any row crosses; then all take part
+    if route.crosses:  # every rank knows whether any row crosses; then all take part
         # The forward route reversed: rows go from my borrowing groups back to their lenders.
         rows = {lender_rank: grad_borrowed[groups] for lender_rank, groups in route.receives.items()}
         expect = {borrower_rank: len(groups) for borrower_rank, groups in route.sends.items()}

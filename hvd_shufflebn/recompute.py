@@ -41,9 +41,7 @@ def may_be_recomputed() -> bool:
 
 class Record(NamedTuple):
     step: int
-    perm: tuple
-    route: object  # routing.Route
-    crosses: bool
+    route: object  # routing.Route: the permutation and who sends what
     sizes: list
     counts: list
     own_mean: torch.Tensor  # (groups, C), like the three below

@@ -18,16 +18,18 @@ class Route(NamedTuple):
     local: Tuple[Tuple[int, int], ...]  # (my borrowing group j, my lending group i) pairs
     sends: Dict[int, List[int]]   # forward: rank -> my lending groups whose rows go there, in order
     receives: Dict[int, List[int]]  # forward: rank -> my borrowing groups whose rows come from it
+    crosses: bool                 # whether any group of ANY rank borrows from another rank
 
 
 @functools.lru_cache(maxsize=64)  # every layer of a network takes the same route each step
 def route(perm: Tuple[int, ...], rank: int, k: int) -> Route:
     """The route of ``rank``. The backward exchange takes it in reverse: gradient rows go from the
     borrowing groups (``receives``) back to the lending ones (``sends``)."""
-    local, sends, receives = [], {}, {}
+    local, sends, receives, crosses = [], {}, {}, False
     for t in range(len(perm)):  # ascending borrower index: the order rows travel in
         lender = perm[t]
         t_rank, l_rank = t // k, lender // k
+        crosses = crosses or t_rank != l_rank
         if t_rank == rank and l_rank == rank:
             local.append((t % k, lender % k))
         elif l_rank == rank:
@@ -35,7 +37,7 @@ def route(perm: Tuple[int, ...], rank: int, k: int) -> Route:
         elif t_rank == rank:
             receives.setdefault(l_rank, []).append(t % k)
     return Route(tuple(perm), tuple(perm[g] for g in range(rank * k, rank * k + k)),
-                 tuple(local), sends, receives)
+                 tuple(local), sends, receives, crosses)
 
 
 def group_sizes(batch: int, k: int) -> List[int]:

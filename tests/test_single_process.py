@@ -188,7 +188,7 @@ def test_recompute_records_match_by_statistics():
     mean = torch.tensor([[1.0, 2.0]])
 
     def record(step, m, counts=(4,)):
-        return Record(step, (1, 0), None, True, [2], list(counts), m, m + 1, m * 0, m * 0)
+        return Record(step, None, [2], list(counts), m, m + 1, m * 0, m * 0)
     records.add(record(0, mean))
     records.add(record(1, mean + 1))
     records.add(record(2, mean))  # the same input twice: the older one is replayed first
