@@ -4,7 +4,7 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 HOROVODRUN := $(VENV)/bin/horovodrun
 
-.PHONY: setup test demo bench bench-smoke
+.PHONY: setup test demo bench bench-network bench-smoke
 
 setup:
 	bash scripts/setup.sh
@@ -18,10 +18,18 @@ test: setup
 demo: setup
 	OMPI_MCA_mpi_yield_when_idle=1 $(HOROVODRUN) -np 8 $(PYTHON) examples/train_cnn.py
 
-# benchmarks/RESULTS.md and results.png from every run (about 15 minutes on 2 cores).
+# benchmarks/RESULTS.md, results.png and network.png from every run (about 20 minutes on 2 cores).
 bench: setup
+	bash scripts/setup_multihost.sh
 	$(PYTHON) benchmarks/run_all.py
 
-# Seconds: every benchmark variant once, on tiny sizes, into a temporary directory.
+# The shaped two-host network alone (about 6 minutes; needs root): then RESULTS.md again.
+bench-network: setup
+	bash scripts/setup_multihost.sh
+	$(PYTHON) benchmarks/run_all.py --only network
+
+# Seconds: every benchmark variant once, on tiny sizes, and one shaped-network point, into a
+# temporary directory.
 bench-smoke: setup
+	bash scripts/setup_multihost.sh
 	$(PYTHON) benchmarks/run_all.py --smoke

@@ -46,13 +46,13 @@ def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="seconds-long run for CI")
     p.add_argument("--parts", default="micro,macro,bytes")
-    p.add_argument("--models", default="resnet18,resnet50")
+    p.add_argument("--models", default="resnet18,resnet50,thin")
     p.add_argument("--variants", default=None,
                    help="comma-separated subset of the macro variants (default: all available)")
     p.add_argument("--micro-shape", default="32,64,8,8", help="per-rank input N,C,H,W")
     p.add_argument("--micro-rounds", type=int, default=40)
     p.add_argument("--micro-inner", type=int, default=10, help="calls per timed block")
-    p.add_argument("--batch", default="resnet18:32,resnet50:16", help="per-rank batch per model")
+    p.add_argument("--batch", default="resnet18:32,resnet50:16,thin:32", help="per-rank batch per model")
     p.add_argument("--image", type=int, default=32)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=12, help="timed steps per variant")
@@ -227,7 +227,7 @@ class Loopback:
     rank, size, broken = 0, 2, None
 
     def exchange(self, name, rows, expect, width, device, context, header=None, sums=None,
-                 check=None):
+                 check=None, match=0):
         if header is not None:
             check(header * 2)
             sums = sums * 2

@@ -60,8 +60,26 @@ class ResNet(nn.Module):
         return self.head(self.features(x))
 
 
+class Thin(nn.Module):
+    """Many narrow BatchNorm layers on small feature maps: little compute per layer to hide an
+    exchange behind, the worst case for any per-layer communication."""
+
+    def __init__(self, depth=16, width=16, out_dim=128):
+        super().__init__()
+        layers = [nn.Conv2d(3, width, 3, 2, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(True)]
+        for _ in range(depth - 1):
+            layers += [nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
+                       nn.ReLU(True)]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, out_dim))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
 MODELS = {
     "resnet18": lambda: ResNet(BasicBlock, [2, 2, 2, 2]),
     "resnet50": lambda: ResNet(Bottleneck, [3, 4, 6, 3]),
+    "thin": Thin,  # 16 BN layers of 16 channels at 16x16 (32x32 inputs)
     "tiny": lambda: ResNet(BasicBlock, [1, 1, 1, 1], width=8),  # for --smoke
 }

@@ -1,7 +1,8 @@
 """Launch every benchmark run (each rank count and Horovod setting is its own mpirun, since Horovod
 reads its settings at hvd.init()), collect the JSON results and write RESULTS.md and results.png.
 
-    .venv/bin/python benchmarks/run_all.py            # full: about 15 minutes on 2 cores
+    .venv/bin/python benchmarks/run_all.py            # full: about 20 minutes on 2 cores
+    .venv/bin/python benchmarks/run_all.py --only network   # the shaped network alone
     .venv/bin/python benchmarks/run_all.py --smoke    # CI: seconds, into a temporary directory
     .venv/bin/python benchmarks/run_all.py --only sweep-cycle-5   # re-run some launches, by label
 """
@@ -50,6 +51,8 @@ RUNS = ([("micro-2", 2, MICRO, {}, 300),
         # other order shows whether a setting's ratio is its own or the machine's at that time.
         + [(f"sweep-{label}-r2", 2, SWEEP_ARGS, env, 600) for label, env in reversed(SWEEP)])
 SMOKE_RUNS = [("smoke-2", 2, ["--smoke"], {}, 90)]
+# The shaped two-host network (network.py): not an mpirun of bench.py, a driver of its own.
+NETWORK = "network"
 
 
 def mpirun(ranks, args, env, out):
@@ -76,6 +79,26 @@ def run(command, env, timeout):
             except ProcessLookupError:
                 break
         return "timeout"
+
+
+def network(results, smoke, env, manifest):
+    """Run network.py (one point with --smoke); skipped, with the reason, where the two-host
+    harness cannot run (not root, no network namespaces), as the multi-host tests are."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import multihost
+    reason = multihost.unusable_reason()
+    if reason:
+        print(f"[{NETWORK}] skipped: {reason}", flush=True)
+        return []
+    command = [str(PYTHON), str(HERE / "network.py"), "--out", str(results / "network.json")]
+    command += ["--smoke"] if smoke else []
+    print(f"[{NETWORK}] {' '.join(c.replace(str(ROOT) + '/', '') for c in command)}", flush=True)
+    start = time.time()
+    code = run(command, env, 300 if smoke else 1800)
+    manifest[NETWORK] = {"command": " ".join(command), "settings": {}, "exit": code,
+                         "seconds": round(time.time() - start, 1)}
+    print(f"[{NETWORK}] exit {code} after {time.time() - start:.0f} s", flush=True)
+    return [] if code == 0 else [NETWORK]
 
 
 def main():
@@ -109,6 +132,8 @@ def main():
                            "seconds": round(seconds, 1)}
         if code != 0:
             failed.append(label)
+    if not args.only or NETWORK in args.only.split(","):
+        failed += network(results, args.smoke, env, manifest)
     manifest_path.write_text(json.dumps(manifest, indent=1))
     report = [str(PYTHON), str(HERE / "report.py"), "--results", str(results)]
     if args.smoke:

@@ -1,0 +1,257 @@
+"""A latency-bandwidth cost model of MoCo's key-encoder forward, fitted to the shaped-network run
+(results/network.json from network.py) and used to predict ResNet-50 at 8, 64 and 512 ranks.
+
+Messages cost alpha + bytes * beta (fitted per link rate to the ping-pong between the two hosts).
+Per key forward on p ranks, N images of H x W per rank, BN layers of widths C, feature dim D:
+
+  sample shuffling   two ring allgathers (MoCo's concat_all_gather), of the images and of the
+                     features:  (p-1) (2 alpha + (n_img + n_feat) beta), n_img = 12 N H W bytes
+  SyncBN             one allreduce of 2C+1 float32 per layer (examples/sync_batchnorm.py; NCCL's
+                     and MPI's small allreduces are recursive doubling): ceil(log2 p) (alpha + 4 (2C+1) beta)
+  ShuffleBatchNorm   per layer, started together and waited for once: an allreduce of 2C+5
+                     float64 (recursive doubling) and one row of 2C+1 float64 to one rank:
+                     ceil(log2 p) (alpha + 8 (2C+5) beta)
+                     + o_mpi per layer (mpi transport), or + o_hvd per layer (horovod transport:
+                     Horovod's negotiation cycle, 1 ms by default, dominates)
+The software overheads o_* (per layer) and the copies of sample shuffling are fitted to the
+measured communication time (variant - plain BN, paired) as the median residual over all points.
+"""
+import json
+import math
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+FEATURES = 128                      # the encoder's output (MoCo's embedding)
+PREDICT_RANKS = (8, 64, 512)
+PREDICT_RATES = (10, 25, 100)       # Gbit/s
+RESNET50 = {"batch": 32, "image": 224}
+
+
+def resnet50_bn_channels():
+    from torch import nn
+    from models import MODELS
+    return [m.num_features for m in MODELS["resnet50"]().modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def median(values):
+    values = sorted(values)
+    n = len(values)
+    return values[n // 2] if n % 2 else 0.5 * (values[n // 2 - 1] + values[n // 2])
+
+
+def fit_link(link):
+    """(alpha seconds, beta seconds per byte) by least squares on the one-way times."""
+    points = [(float(size), t) for size, t in link.items()]
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    beta = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    return max(my - beta * mx, 0.0), beta
+
+
+def log2(p):
+    return math.ceil(math.log2(p)) if p > 1 else 0
+
+
+def network_seconds(variant, p, batch, image, channels, alpha, beta):
+    """Time on the wire per key forward (no software overhead)."""
+    if variant == "sample-shuffle":
+        n = 12 * batch * image * image + 4 * batch * FEATURES
+        return (p - 1) * (2 * alpha + n * beta)
+    if variant == "syncbn":
+        return sum(log2(p) * (alpha + 4 * (2 * c + 1) * beta) for c in channels)
+    return sum(log2(p) * (alpha + 8 * (2 * c + 5) * beta) for c in channels)  # shuffle-*
+
+
+def bytes_received(variant, p, batch, image, channels):
+    """Bytes each rank receives per key forward."""
+    if variant == "sample-shuffle":
+        return (p - 1) * (12 * batch * image * image + 4 * batch * FEATURES)
+    if variant == "syncbn":
+        return sum(log2(p) * 4 * (2 * c + 1) for c in channels)
+    return sum(log2(p) * 8 * (2 * c + 5) + 8 * (2 * c + 1) for c in channels)
+
+
+def measured(network):
+    """[(rate, image, variant, communication seconds per key forward)] from network.json."""
+    out = []
+    for s in network["settings"]:
+        for image, times in s["keyfwd"].items():
+            for variant, samples in times.items():
+                if variant != "bn":
+                    comm = [a - b for a, b in zip(samples, times["bn"])]
+                    out.append((s["rate_gbit"], int(image), variant, median(comm)))
+    return out
+
+
+def fit(network):
+    """Link parameters per rate and the per-layer / per-forward software overheads."""
+    links = {s["rate_gbit"]: fit_link(s["link"]) for s in network["settings"]}
+    first = network["settings"][0]
+    p, batch, channels = first["ranks"], first["batch"], first["bn_channels"]
+    residuals = {}
+    for rate, image, variant, comm in measured(network):
+        alpha, beta = links[rate]
+        wire = network_seconds(variant, p, batch, image, channels, alpha, beta)
+        per = 1 if variant == "sample-shuffle" else len(channels)
+        residuals.setdefault(variant, []).append((comm - wire) / per)
+    overhead = {v: max(0.0, median(r)) for v, r in residuals.items()}
+    return {"links": links, "overhead": overhead, "ranks": p, "batch": batch,
+            "channels": channels}
+
+
+def predict(model, variant, p, batch, image, channels, alpha, beta):
+    per = 1 if variant == "sample-shuffle" else len(channels)
+    return (network_seconds(variant, p, batch, image, channels, alpha, beta)
+            + per * model["overhead"].get(variant, 0.0))
+
+
+def predictions(model):
+    """ResNet-50 at 224 px, 32 images per rank: bytes and seconds per key forward."""
+    channels = resnet50_bn_channels()
+    alpha = median([a for a, _ in model["links"].values()])  # latency: the same at every rate
+    rows = []
+    for rate in PREDICT_RATES:
+        beta = 8 / (rate * 1e9)
+        for p in PREDICT_RANKS:
+            for variant in ("sample-shuffle", "syncbn", "shuffle-mpi", "shuffle-horovod"):
+                rows.append({"rate_gbit": rate, "ranks": p, "variant": variant,
+                             "bytes": bytes_received(variant, p, RESNET50["batch"],
+                                                     RESNET50["image"], channels),
+                             "seconds": predict(model, variant, p, RESNET50["batch"],
+                                                RESNET50["image"], channels, alpha, beta)})
+    return rows, alpha
+
+
+def _t(seconds):
+    return f"{seconds * 1e3:.1f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.0f} µs"
+
+
+def _b(n):
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def section(network):
+    """Markdown for RESULTS.md: measured points, the fit, the predictions."""
+    model = fit(network)
+    rows, alpha = predictions(model)
+    first = network["settings"][0]
+    out = ["## Over a shaped network: sample shuffling vs ShuffleBatchNorm\n",
+           f"`make bench-network` (benchmarks/network.py): {network['hosts']} virtual hosts x "
+           f"{network['slots']} ranks (network namespaces joined by a bridge; shared memory "
+           "inside a host, TCP between them), each host's egress limited by `tc ... tbf`. "
+           f"Key-encoder forward (no grad, train mode) of a ResNet-18 layout at 1/8 width "
+           f"({len(first['bn_channels'])} BN layers, so the per-layer exchanges of ResNet-18, at "
+           f"1/64 of its compute so that CPU time does not drown the communication), "
+           f"{first['batch']} images per rank. Communication = the variant's forward - plain "
+           "BN's, paired per round (median). Took "
+           f"{network['seconds']:.0f} s; load average {' '.join(network['loadavg_start'])} at "
+           "the start.\n"]
+    header = ["link", "fitted latency", "fitted bandwidth", "image"] + [
+        "bn (compute)", "sample-shuffle comm", "shuffle-mpi comm", "shuffle-horovod comm",
+        "sample-shuffle / shuffle-mpi"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for s in network["settings"]:
+        a, b = model["links"][s["rate_gbit"]]
+        for image, times in sorted(s["keyfwd"].items(), key=lambda kv: int(kv[0])):
+            comm = {v: median([x - y for x, y in zip(times[v], times["bn"])])
+                    for v in times if v != "bn"}
+            ratio = comm["sample-shuffle"] / comm["shuffle-mpi"] if comm["shuffle-mpi"] > 0 else math.nan
+            lines.append("| " + " | ".join([
+                f"{s['rate_gbit']} Gbit/s" if s["rate_gbit"] else "unshaped veth", _t(a),
+                f"{8 / b / 1e9:.2f} Gbit/s" if b > 0 else "-", f"{image} px",
+                _t(median(times["bn"])), _t(comm["sample-shuffle"]), _t(comm["shuffle-mpi"]),
+                _t(comm["shuffle-horovod"]), f"{ratio:.2f}"]) + " |")
+    out.append("\n".join(lines) + "\n")
+    o = model["overhead"]
+    out.append("**Cost model** (benchmarks/cost_model.py; formulas in its docstring). Fitted "
+               "software overheads: ShuffleBatchNorm " + _t(o.get("shuffle-mpi", 0)) +
+               " per layer (mpi transport), " + _t(o.get("shuffle-horovod", 0)) +
+               " per layer (horovod transport), sample shuffling " +
+               _t(o.get("sample-shuffle", 0)) + " per forward (copies, indexing). "
+               f"Predictions use the median fitted latency ({_t(alpha)}, a TCP stack on a busy "
+               "2-core machine: a datacenter NIC has 2-20 µs) and the nominal bandwidth, one "
+               "rank per NIC (a flat network; ranks sharing a node would share its NIC).\n")
+    header = ["link", "ranks"] + [f"{v}: bytes / time" for v in
+                                  ("sample-shuffle", "syncbn", "shuffle-mpi", "shuffle-horovod")]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for rate in PREDICT_RATES:
+        for p in PREDICT_RANKS:
+            cells = [f"{rate} Gbit/s", str(p)]
+            for v in ("sample-shuffle", "syncbn", "shuffle-mpi", "shuffle-horovod"):
+                r = next(r for r in rows if (r["rate_gbit"], r["ranks"], r["variant"]) == (rate, p, v))
+                cells.append(f"{_b(r['bytes'])} / {_t(r['seconds'])}")
+            lines.append("| " + " | ".join(cells) + " |")
+    out.append("Predicted per key-encoder forward, ResNet-50 (53 BN layers), 224 px, 32 images per "
+               "rank (bytes received per rank / communication time):\n\n" + "\n".join(lines) + "\n")
+    return "\n".join(out), model, rows
+
+
+def plot(network, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    model = fit(network)
+    rows, alpha = predictions(model)
+    first = network["settings"][0]
+    p, batch, channels = model["ranks"], model["batch"], model["channels"]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8))
+    colours = {"sample-shuffle": "tab:red", "shuffle-mpi": "tab:blue", "shuffle-horovod": "tab:green",
+               "syncbn": "tab:purple"}
+    images = sorted({int(i) for s in network["settings"] for i in s["keyfwd"]})
+    fine = list(range(min(images), max(images) + 1, 4))
+    for s in network["settings"]:
+        if s["rate_gbit"] is None:
+            continue
+        a, b = model["links"][s["rate_gbit"]]
+        for v in ("sample-shuffle", "shuffle-mpi"):
+            points = [(i, median([x - y for x, y in zip(s["keyfwd"][str(i)][v], s["keyfwd"][str(i)]["bn"])]))
+                      for i in images if str(i) in s["keyfwd"]]
+            ax.scatter([i for i, _ in points], [c * 1e3 for _, c in points], color=colours[v],
+                       marker={1: "o", 10: "s", 25: "^"}.get(s["rate_gbit"], "x"))
+            ax.plot(fine, [predict(model, v, p, batch, i, channels, a, b) * 1e3 for i in fine],
+                    color=colours[v], lw=1, ls={1: "-", 10: "--", 25: ":"}.get(s["rate_gbit"], "-."),
+                    label=f"{v}, {s['rate_gbit']} Gbit/s")
+    ax.set_yscale("log")
+    ax.set_xlabel("image size (px)")
+    ax.set_ylabel("communication per key forward (ms)")
+    ax.set_title(f"Measured (markers) and model (lines): {p} ranks on 2 hosts")
+    ax.legend(fontsize=7, ncol=2)
+    for v in ("sample-shuffle", "syncbn", "shuffle-mpi", "shuffle-horovod"):
+        for rate, ls in ((10, "--"), (100, "-")):
+            pts = sorted((r["ranks"], r["seconds"]) for r in rows
+                         if r["variant"] == v and r["rate_gbit"] == rate)
+            bx.plot([q for q, _ in pts], [t * 1e3 for _, t in pts], color=colours[v], ls=ls,
+                    marker="o", label=f"{v}, {rate} Gbit/s")
+    bx.set_xscale("log", base=2)
+    bx.set_yscale("log")
+    bx.set_xlabel("ranks")
+    bx.set_ylabel("predicted communication per key forward (ms)")
+    bx.set_title("ResNet-50, 224 px, 32 images per rank (model)")
+    bx.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("network", nargs="?", default=str(HERE / "results" / "network.json"))
+    p.add_argument("--png", default=None)
+    args = p.parse_args()
+    network = json.loads(Path(args.network).read_text())
+    text, model, rows = section(network)
+    print(text)
+    if args.png:
+        plot(network, args.png)
+
+
+if __name__ == "__main__":
+    main()
