@@ -48,8 +48,9 @@ def raise_if_any_rank_failed(transport, name: str, header: torch.Tensor, report:
     f < 2**20), and the number of ranks whose input needs a gradient (a backward exchange on
     only some ranks would hang).
     """
-    errors, fp, fp_sq, grads = (float(header[i]) for i in (ERRORS, FINGERPRINT, FINGERPRINT_SQ,
-                                                            NEEDS_GRAD))
+    values = header.tolist()  # one conversion, not one per value
+    errors, fp, fp_sq, grads = (values[i] for i in (ERRORS, FINGERPRINT, FINGERPRINT_SQ,
+                                                    NEEDS_GRAD))
     size = transport.size
     if errors == 0 and size * fp_sq == fp * fp and grads in (0, size):
         return

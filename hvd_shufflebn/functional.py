@@ -104,11 +104,14 @@ def exchange_statistics(transport, report: Report, route: Route, mean: torch.Ten
     received, summed = transport.exchange(report.layer, rows, expect, 2 * c + 1, mean.device,
                                           context, make_header(report, mean.device), sums, check,
                                           match=match_key(report.layer, route.perm, context))
-    borrowed = torch.empty(len(counts), 2 * c, dtype=torch.float64, device=mean.device)
-    for borrower, lender in route.local:
-        borrowed[borrower] = packets[lender, :2 * c]
-    for source, groups in route.receives.items():
-        borrowed[groups] = received[source][:, :2 * c]
+    if len(received) == 1 and not route.local:  # all my groups borrow from one rank, in order
+        borrowed = next(iter(received.values()))[:, :2 * c]
+    else:
+        borrowed = torch.empty(len(counts), 2 * c, dtype=torch.float64, device=mean.device)
+        for borrower, lender in route.local:
+            borrowed[borrower] = packets[lender, :2 * c]
+        for source, groups in route.receives.items():
+            borrowed[groups] = received[source][:, :2 * c]
     borrowed_mean, borrowed_var = borrowed.to(mean.dtype).split(c, dim=1)
     return borrowed_mean, borrowed_var, summed
 

@@ -152,6 +152,15 @@ def test_step_is_saved_without_new_state_dict_keys(tmp_path):
     assert tracked.step == 12
     tracked.step = 13
     assert int(tracked.num_batches_tracked) == 13
+    # The step is read from the buffer only when it changed behind the layer's back: in place
+    # (a broadcast, load_state_dict), by replacement, or after the layer's own forwards.
+    tracked.train()(torch.randn(4, 3))  # one process, one group: plain batch norm, step + 1
+    assert tracked.step == 14
+    tracked.num_batches_tracked.fill_(40)
+    assert tracked.step == 40
+    tracked.num_batches_tracked = torch.tensor(7)
+    assert tracked.step == 7
+    tracked.step = 13
     untracked.step = 21
     for layer, plain in ((tracked, nn.BatchNorm1d(3)),
                          (untracked, nn.BatchNorm1d(3, track_running_stats=False))):
