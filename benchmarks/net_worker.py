@@ -95,7 +95,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--images", default="32,64,128,224")
     p.add_argument("--batch", type=int, default=32, help="images per rank")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=9)
     p.add_argument("--ping-rounds", type=int, default=10)
     p.add_argument("--out", required=True)
     args = p.parse_args()
