@@ -23,7 +23,7 @@ bench: setup
 	bash scripts/setup_multihost.sh
 	$(PYTHON) benchmarks/run_all.py
 
-# The shaped two-host network alone (about 6 minutes; needs root): then RESULTS.md again.
+# The shaped two-host network alone (about 3 minutes; needs root): then RESULTS.md again.
 bench-network: setup
 	bash scripts/setup_multihost.sh
 	$(PYTHON) benchmarks/run_all.py --only network

@@ -6,7 +6,7 @@ are shaped, since each host shapes what it sends), and launches benchmarks/net_w
 mpirun, 2 ranks per host (shared memory inside a host, TCP between them), once per rate.
 Writes benchmarks/results/network.json; report.py and cost_model.py read it.
 
-    .venv/bin/python benchmarks/network.py                  # about 6 minutes on 2 cores
+    .venv/bin/python benchmarks/network.py                  # about 2-3 minutes on 2 cores
     .venv/bin/python benchmarks/network.py --smoke --out /tmp/n.json   # one point, seconds
 Needs root and scripts/setup_multihost.sh (sshd, iproute2).
 """
