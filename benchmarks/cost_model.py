@@ -118,11 +118,13 @@ def fit(network):
             "channels": channels}
 
 
-def least_squares(points):
-    """(slope, intercept) of y = slope x + intercept."""
+def least_squares(points, slope_if_flat=1.0):
+    """(slope, intercept) of y = slope x + intercept; with a single distinct x (a smoke run's one
+    point) the slope cannot be fitted and is ``slope_if_flat``."""
     mx = sum(x for x, _ in points) / len(points)
     my = sum(y for _, y in points) / len(points)
-    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
+    spread = sum((x - mx) ** 2 for x, _ in points)
+    slope = sum((x - mx) * (y - my) for x, y in points) / spread if spread > 0 else slope_if_flat
     return slope, my - slope * mx
 
 

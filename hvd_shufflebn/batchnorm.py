@@ -96,16 +96,12 @@ class ShuffleBatchNorm(_BatchNorm):
     @property
     def step(self) -> int:
         """Training forwards taken so far; with ``seed``, it decides the permutation."""
-        counter = self.num_batches_tracked
-        if counter is None:
-            return self._untracked_step
-        # Reading the counter copies it from the device (a CUDA sync per layer): read it only
-        # when someone else changed it since (load_state_dict, a broadcast, step = ...), as the
-        # tensor's version counter tells; our own increments keep the copy current.
-        known = self.__dict__.get("_known_step")
-        if known is None or known[0] is not counter or known[1] != counter._version:
-            self._known_step = known = (counter, counter._version, int(counter))
-        return known[2]
+        if self.num_batches_tracked is not None:
+            # A read per forward (a device copy on GPUs): the counter can change behind the
+            # layer's back without any trace (Horovod's in-place broadcasts of elastic state
+            # sync do not bump the tensor's version), and a stale step is a wrong permutation.
+            return int(self.num_batches_tracked)
+        return self._untracked_step
 
     @step.setter
     def step(self, value: int) -> None:
@@ -177,8 +173,7 @@ class ShuffleBatchNorm(_BatchNorm):
             self._records.add(recompute.Record(step, route, sizes, counts, mean, var,
                                                borrowed_mean, borrowed_var))
         if update_running:
-            counter = self.num_batches_tracked.add_(1)
-            self._known_step = (counter, counter._version, step + 1)
+            self.num_batches_tracked.add_(1)
         else:
             self._untracked_step += 1
         self.last_permutation = perm

@@ -56,12 +56,18 @@ def test_sync_batchnorm_example_matches_float64_reference():
 
 @pytest.mark.mpi
 def test_benchmark_smoke_runs_every_variant():
-    """`make bench-smoke`: every benchmark variant once on tiny sizes (no timing is asserted)."""
+    """`make bench-smoke`: every benchmark variant once on tiny sizes, and one point of the
+    shaped two-host network wherever the harness can run (no timing is asserted)."""
+    import multihost
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--smoke"],
                           cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT)
     print(done.stdout)
     assert done.returncode == 0 and "wrote " in done.stdout
+    if multihost.unusable_reason() is None:
+        assert "[network] exit 0" in done.stdout and "10 Gbit/s] exit 0" in done.stdout
+    else:
+        assert "[network] skipped:" in done.stdout
 
 
 def test_one_process_example_needs_no_launcher():

@@ -152,8 +152,8 @@ def test_step_is_saved_without_new_state_dict_keys(tmp_path):
     assert tracked.step == 12
     tracked.step = 13
     assert int(tracked.num_batches_tracked) == 13
-    # The step is read from the buffer only when it changed behind the layer's back: in place
-    # (a broadcast, load_state_dict), by replacement, or after the layer's own forwards.
+    # The step follows the buffer however it changes: the layer's own forwards, in place (a
+    # broadcast, load_state_dict), by replacement.
     tracked.train()(torch.randn(4, 3))  # one process, one group: plain batch norm, step + 1
     assert tracked.step == 14
     tracked.num_batches_tracked.fill_(40)
