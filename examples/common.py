@@ -1,8 +1,9 @@
-"""What the examples share: the demo's data and model, and output lines that stay whole under
+"""What the examples share: the demo's data, model and training step, and output lines that stay whole under
 horovodrun and mpirun."""
 import sys
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -37,3 +38,12 @@ def make_model():
                              nn.ReLU(), nn.MaxPool2d(2))
     return nn.Sequential(block(1, 16), block(16, 32), block(32, 32), nn.Flatten(),
                          nn.Linear(32 * 2 * 2, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 4))
+
+
+def train_step(model, optimizer, images, labels):
+    """One SGD step of the demo's classification task; returns the loss, detached."""
+    loss = F.cross_entropy(model(images), labels)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.detach()

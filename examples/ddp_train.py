@@ -10,9 +10,8 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from common import make_data, make_model, say
+from common import make_data, make_model, say, train_step
 from hvd_shufflebn import ShuffleBatchNorm, convert_shuffle_batchnorm
 
 
@@ -43,11 +42,8 @@ def main():
         total = torch.zeros(2, device=device)
         for start in range(0, len(order) - args.batch_size + 1, args.batch_size):
             batch = order[start:start + args.batch_size]
-            loss = F.cross_entropy(model(images[batch].to(device)), labels[batch].to(device))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += torch.stack([loss.detach(), torch.ones((), device=device)])
+            loss = train_step(model, optimizer, images[batch].to(device), labels[batch].to(device))
+            total += torch.stack([loss, torch.ones((), device=device)])
             if epoch == 0 and start == 0 and rank == 0:
                 say(f"first step, layer {first.name}: rank r borrowed the statistics of rank "
                     f"p[r], p = {first.last_permutation}")

@@ -34,10 +34,10 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import horovod.torch as hvd
+from common import train_step
 from hvd_shufflebn import ShuffleBatchNorm, convert_shuffle_batchnorm
 
 HELD_OUT = 297  # of the 1,797 digits; the split is fixed
@@ -103,10 +103,7 @@ def main():
             model.train()
             losses = torch.zeros(2)
             for images, labels in loader:  # what this rank has left of the epoch
-                loss = F.cross_entropy(model(images), labels)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
+                loss = train_step(model, optimizer, images, labels)
                 losses += torch.tensor([loss.item(), 1.0])
                 sampler.record_batch(0, args.batch_size)
                 state.commit()  # cheap for this model; raises HostsUpdatedInterrupt on changes

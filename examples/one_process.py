@@ -9,9 +9,8 @@ worker. The data and model are those of the Horovod demo (examples/common.py).
 import argparse
 
 import torch
-import torch.nn.functional as F
 
-from common import make_data, make_model, say
+from common import make_data, make_model, say, train_step
 from hvd_shufflebn import ShuffleBatchNorm, convert_shuffle_batchnorm
 
 
@@ -33,10 +32,7 @@ def main():
         total, count = 0.0, 0
         for start in range(0, len(order) - args.batch_size + 1, args.batch_size):
             batch = order[start:start + args.batch_size]
-            loss = F.cross_entropy(model(images[batch].to(device)), labels[batch].to(device))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            loss = train_step(model, optimizer, images[batch].to(device), labels[batch].to(device))
             total, count = total + loss.item(), count + 1
             if epoch == 0 and start == 0:
                 say(f"first step, layer {first.name}: group g borrowed the statistics of group "

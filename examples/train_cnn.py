@@ -10,11 +10,10 @@ the second column is the first column permuted, which is the whole point of the 
 import argparse
 
 import torch
-import torch.nn.functional as F
 
 import horovod.torch as hvd
 from hvd_shufflebn import ShuffleBatchNorm, convert_shuffle_batchnorm
-from common import make_data, make_model, say
+from common import make_data, make_model, say, train_step
 
 
 def show_shuffle_once(layer):
@@ -67,10 +66,7 @@ def main():
         total = torch.zeros(2)
         for step in range(steps):
             batch = order[step * args.batch_size:(step + 1) * args.batch_size]
-            loss = F.cross_entropy(model(images[batch]), labels[batch])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            loss = train_step(model, optimizer, images[batch], labels[batch])
             total += torch.tensor([loss.item(), 1.0])
         total = hvd.allreduce(total, op=hvd.Sum, name="demo.loss")
         model.eval()
