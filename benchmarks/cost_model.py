@@ -24,6 +24,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from report import median, size, t, table  # noqa: E402  (RESULTS.md's formatting)
 
 FEATURES = 128                      # the encoder's output (MoCo's embedding)
 PREDICT_RANKS = (8, 64, 512)
@@ -38,12 +39,6 @@ def resnet50_bn_channels():
     from torch import nn
     from models import MODELS
     return [m.num_features for m in MODELS["resnet50"]().modules() if isinstance(m, nn.BatchNorm2d)]
-
-
-def median(values):
-    values = sorted(values)
-    n = len(values)
-    return values[n // 2] if n % 2 else 0.5 * (values[n // 2 - 1] + values[n // 2])
 
 
 def fit_link(link):
@@ -159,17 +154,6 @@ def predictions(model):
     return rows
 
 
-def _t(seconds):
-    return f"{seconds * 1e3:.1f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.0f} µs"
-
-
-def _b(n):
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n:.0f} B"
-
-
 def section(network):
     """Markdown for RESULTS.md: measured points, the fit, the predictions."""
     model = fit(network)
@@ -186,51 +170,52 @@ def section(network):
            "BN's, paired per round (median). Took "
            f"{network['seconds']:.0f} s; load average {' '.join(network['loadavg_start'])} at "
            "the start.\n"]
-    header = ["link", "fitted latency", "fitted bandwidth", "image"] + [
-        "bn (compute)", "sample-shuffle comm", "shuffle-mpi comm", "shuffle-horovod comm",
-        "sample-shuffle / shuffle-mpi"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    header = ["link", "fitted latency", "fitted bandwidth", "image", "bn (compute)",
+              "sample-shuffle comm", "shuffle-mpi comm", "shuffle-horovod comm",
+              "sample-shuffle / shuffle-mpi"]
+    measured_rows = []
     for s in network["settings"]:
         a, b = model["links"][s["rate_gbit"]]
         for image, times in sorted(s["keyfwd"].items(), key=lambda kv: int(kv[0])):
             comm = {v: median([x - y for x, y in zip(times[v], times["bn"])])
                     for v in times if v != "bn"}
             ratio = comm["sample-shuffle"] / comm["shuffle-mpi"] if comm["shuffle-mpi"] > 0 else math.nan
-            lines.append("| " + " | ".join([
-                f"{s['rate_gbit']} Gbit/s" if s["rate_gbit"] else "unshaped veth", _t(a),
+            measured_rows.append([
+                f"{s['rate_gbit']} Gbit/s" if s["rate_gbit"] else "unshaped veth", t(a),
                 f"{8 / b / 1e9:.2f} Gbit/s" if b > 0 else "-", f"{image} px",
-                _t(median(times["bn"])), _t(comm["sample-shuffle"]), _t(comm["shuffle-mpi"]),
-                _t(comm["shuffle-horovod"]), f"{ratio:.2f}"]) + " |")
-    out.append("\n".join(lines) + "\n")
+                t(median(times["bn"])), t(comm["sample-shuffle"]), t(comm["shuffle-mpi"]),
+                t(comm["shuffle-horovod"]), f"{ratio:.2f}"])
+    out.append(table(header, measured_rows))
     o = model["overhead"]
     fitted = latencies(model)["fitted here"]
     out.append("**Cost model** (benchmarks/cost_model.py; formulas in its docstring). Fitted "
-               "software overheads: ShuffleBatchNorm " + _t(o.get("shuffle-mpi", 0)) +
-               " per layer (mpi transport), " + _t(o.get("shuffle-horovod", 0)) +
+               "software overheads: ShuffleBatchNorm " + t(o.get("shuffle-mpi", 0)) +
+               " per layer (mpi transport), " + t(o.get("shuffle-horovod", 0)) +
                " per layer (horovod transport; beyond its 1 ms cycle), sample shuffling " +
-               _t(o.get("sample-shuffle", 0)) + " per forward (copies, indexing), and its "
+               t(o.get("sample-shuffle", 0)) + " per forward (copies, indexing), and its "
                f"allgathers put {model['kappa']:.2f}x the ideal ring's bytes through the slowest "
                "link (Open MPI's algorithm for 4 ranks on 2 hosts, and 2 ranks' streams sharing "
                "a host's shaped link); SyncBN, not "
                "measured here, is given the mpi transport's per-layer overhead. The fitted "
-               f"latency per message is {_t(fitted)}: 4 ranks and their Horovod threads share "
+               f"latency per message is {t(fitted)}: 4 ranks and their Horovod threads share "
                "2 cores, so a message waits for its receiver to be scheduled. Predictions assume "
                "one rank per NIC (a flat network) and the nominal bandwidth, at that latency and "
-               f"at a datacenter NIC's {_t(DATACENTER_LATENCY)}; the software overheads stay "
+               f"at a datacenter NIC's {t(DATACENTER_LATENCY)}; the software overheads stay "
                "this machine's (pessimistic where each rank has its own core).\n")
-    header = ["latency", "link", "ranks"] + [f"{v}: bytes / time" for v in VARIANTS]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    by_key = {(r["latency"], r["rate_gbit"], r["ranks"], r["variant"]): r for r in rows}
+    predicted_rows = []
     for latency, alpha in latencies(model).items():
         for rate in PREDICT_RATES:
             for p in PREDICT_RANKS:
-                cells = [f"{latency} ({_t(alpha)})", f"{rate} Gbit/s", str(p)]
+                cells = [f"{latency} ({t(alpha)})", f"{rate} Gbit/s", str(p)]
                 for v in VARIANTS:
-                    r = next(r for r in rows if (r["latency"], r["rate_gbit"], r["ranks"],
-                                                 r["variant"]) == (latency, rate, p, v))
-                    cells.append(f"{_b(r['bytes'])} / {_t(r['seconds'])}")
-                lines.append("| " + " | ".join(cells) + " |")
+                    r = by_key[(latency, rate, p, v)]
+                    cells.append(f"{size(r['bytes'])} / {t(r['seconds'])}")
+                predicted_rows.append(cells)
     out.append("Predicted per key-encoder forward, ResNet-50 (53 BN layers), 224 px, 32 images per "
-               "rank (bytes received per rank / communication time):\n\n" + "\n".join(lines) + "\n")
+               "rank (bytes received per rank / communication time):\n\n" + table(
+                   ["latency", "link", "ranks"] + [f"{v}: bytes / time" for v in VARIANTS],
+                   predicted_rows))
     return "\n".join(out), model, rows
 
 
