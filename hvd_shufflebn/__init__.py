@@ -1,5 +1,6 @@
 """Shuffling BatchNorm (MoCo, He et al. 2019, section 3.3) across Horovod ranks, exact in backward."""
-from .batchnorm import ShuffleBatchNorm, convert_shuffle_batchnorm, revert_shuffle_batchnorm
+from .batchnorm import ShuffleBatchNorm
+from .convert import convert_shuffle_batchnorm, revert_shuffle_batchnorm
 from .errors import ShuffleBatchNormError
 
 __all__ = ["ShuffleBatchNorm", "ShuffleBatchNormError", "convert_shuffle_batchnorm",

@@ -8,7 +8,7 @@ The layers take their statistics over the strategy's torch.distributed process g
 (``transport="auto"``); keyword arguments go to every layer (``permutation``, ``groups_per_rank``,
 ``seed``, ``timeout``, ...).
 """
-from .batchnorm import convert_shuffle_batchnorm, revert_shuffle_batchnorm
+from .convert import convert_shuffle_batchnorm, revert_shuffle_batchnorm
 
 _bases = []
 try:
