@@ -5,6 +5,8 @@ reads its settings at hvd.init()), collect the JSON results and write RESULTS.md
     .venv/bin/python benchmarks/run_all.py --only network   # the shaped network alone
     .venv/bin/python benchmarks/run_all.py --smoke    # CI: seconds, into a temporary directory
     .venv/bin/python benchmarks/run_all.py --only sweep-cycle-5   # re-run some launches, by label
+
+host-cost-1 and host-cost-2 run host_cost.py (per call host time and aten ops); the rest bench.py.
 """
 import argparse
 import json
@@ -38,7 +40,8 @@ SWEEP_ARGS = ["--parts", "micro,macro", "--models", "resnet18", "--micro-rounds"
 
 # (label, ranks, bench.py arguments, environment, timeout in seconds)
 MICRO, MACRO, BYTES = ["--parts", "micro"], ["--parts", "macro"], ["--parts", "bytes"]
-RUNS = ([("micro-2", 2, MICRO, {}, 300),
+RUNS = ([("host-cost-1", 1, [], {}, 300), ("host-cost-2", 2, [], {}, 300),
+         ("micro-2", 2, MICRO, {}, 300),
          ("control-no-horovod-2", 2, ["--no-horovod"], {}, 300),
          # The step goals are read here: twice the steps, as a 2-core machine is noisy.
          ("macro-2", 2, MACRO + ["--steps", "24"], {}, 900),
@@ -51,7 +54,8 @@ RUNS = ([("micro-2", 2, MICRO, {}, 300),
         # The sweep again in reverse order: load drifts between launches, a second pass in the
         # other order shows whether a setting's ratio is its own or the machine's at that time.
         + [(f"sweep-{label}-r2", 2, SWEEP_ARGS, env, 600) for label, env in reversed(SWEEP)])
-SMOKE_RUNS = [("smoke-2", 2, ["--smoke"], {}, 90)]
+SMOKE_RUNS = [("smoke-2", 2, ["--smoke"], {}, 90), ("host-cost-1", 1, ["--smoke"], {}, 90),
+              ("host-cost-2", 2, ["--smoke"], {}, 90)]
 # The shaped two-host network (network.py): not an mpirun of bench.py, a driver of its own.
 NETWORK = "network"
 
@@ -60,7 +64,8 @@ def mpirun(ranks, args, env, out):
     command = ["mpirun", "-np", str(ranks), "--oversubscribe", "--allow-run-as-root"]
     for key, value in env.items():
         command += ["-x", f"{key}={value}"]
-    return command + [str(PYTHON), str(HERE / "bench.py"), *args, "--out", str(out)]
+    script = "host_cost.py" if out.stem.startswith("host-cost-") else "bench.py"
+    return command + [str(PYTHON), str(HERE / script), *args, "--out", str(out)]
 
 
 def run(command, env, timeout):

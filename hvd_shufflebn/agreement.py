@@ -5,7 +5,6 @@ problem (a bad input, a permutation or layer or num_features that differs from t
 gradient needed on some ranks only), every rank gathers every rank's report and raises the same
 ShuffleBatchNormError naming the ranks and the problem. The slow gather happens only then.
 """
-import zlib
 from typing import NamedTuple, Optional
 
 import torch
@@ -26,21 +25,12 @@ class Report(NamedTuple):
     num_features: int
 
 
-def fingerprint(report: Report) -> int:
-    """A small integer (< 2**20) identifying the layer, its width and its permutation; exact in
-    float64 even when squared and summed over ranks."""
-    text = f"{report.layer}:{report.num_features}:{','.join(map(str, report.perm))}"
-    return zlib.crc32(text.encode()) % (1 << 20)
+def header(error: bool, fingerprint: int, needs_grad: bool) -> list:
+    """What a rank adds to the summed header (host values: nothing is read from a device)."""
+    return [float(error), float(fingerprint), float(fingerprint) ** 2, float(needs_grad)]
 
 
-def make_header(report: Report, device) -> torch.Tensor:
-    fp = fingerprint(report)
-    return torch.tensor([float(report.error is not None), fp, fp * fp, float(report.needs_grad)],
-                        dtype=torch.float64, device=device)
-
-
-def raise_if_any_rank_failed(transport, name: str, header: torch.Tensor, report: Report,
-                             context) -> None:
+def raise_if_any_rank_failed(transport, name: str, header, report: Report, context) -> None:
     """Raise the same ShuffleBatchNormError on every rank if any rank reported a problem.
 
     ``header`` is the summed header: the number of ranks with a local error, the sum and sum of
@@ -48,8 +38,7 @@ def raise_if_any_rank_failed(transport, name: str, header: torch.Tensor, report:
     f < 2**20), and the number of ranks whose input needs a gradient (a backward exchange on
     only some ranks would hang).
     """
-    values = header.tolist()  # one conversion, not one per value
-    errors, fp, fp_sq, grads = (values[i] for i in (ERRORS, FINGERPRINT, FINGERPRINT_SQ,
+    errors, fp, fp_sq, grads = (header[i] for i in (ERRORS, FINGERPRINT, FINGERPRINT_SQ,
                                                     NEEDS_GRAD))
     size = transport.size
     if errors == 0 and size * fp_sq == fp * fp and grads in (0, size):
@@ -59,7 +48,10 @@ def raise_if_any_rank_failed(transport, name: str, header: torch.Tensor, report:
     layers = [r.layer for r in reports]
     if len(set(layers)) > 1:  # possible with the MPI transport, which matches calls by order only
         raise ShuffleBatchNormError("ShuffleBatchNorm: ranks are in different layers: " + ", ".join(
-            f"rank {r} in {n!r}" for r, n in enumerate(layers)))
+            f"rank {r} in {n!r}" for r, n in enumerate(layers)) + ". Likely causes: the ranks "
+            "call layers in different orders, or built different models (a layer built on some "
+            "ranks only shifts the numbers of layers built later without a name: convert models "
+            "with convert_shuffle_batchnorm, whose names are module paths, or pass name=)")
     prefix = f"ShuffleBatchNorm {name!r} (process set of {size} ranks): "
     if len({r.num_features for r in reports}) > 1:
         raise ShuffleBatchNormError(prefix + "ranks disagree on num_features: " + ", ".join(

@@ -8,18 +8,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import agreement, recompute
 from . import permutation as perms
-from . import recompute, routing
-from .agreement import Report
 from .errors import ShuffleBatchNormError
-from .functional import (ShuffleBatchNormFunction, accumulation_dtype, exchange_statistics,
-                         input_error, local_statistics, shape_error, update_running_stats)
+from .exchange import RouteBack, borrow_across_ranks, borrow_locally, make_report
+from .functional import (Borrowed, ShuffleBatchNormFunction, accumulation_dtype,
+                         group_statistics, input_error, normalise, shape_error, split_groups,
+                         values_per_sample)
+from .plan import fingerprint, layer_key, plan_for
+from .routing import group_sizes
 from .transports import TRANSPORTS, make_transport
 from .waits import WaitContext, resolve_timeout
 
 # Collective names must match across ranks: layers are numbered in construction order, which is
 # the same on every rank running the same program.
-_layer_ids = itertools.count()
+_layer_ids = itertools.count()  # layers built without a name
 _warned_single_rank = set()
 STEP_METADATA = "shufflebn_step"  # the step of a layer without num_batches_tracked
 
@@ -69,7 +72,7 @@ class ShuffleBatchNorm(_BatchNorm):
                  dtype=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          device=device, dtype=dtype)
-        self.permutation = perms.check_spec(permutation)
+        self.permutation = permutation
         if isinstance(groups_per_rank, bool) or not isinstance(groups_per_rank, int) \
                 or groups_per_rank < 1:
             raise ValueError(f"groups_per_rank must be an int >= 1, got {groups_per_rank!r}")
@@ -81,24 +84,33 @@ class ShuffleBatchNorm(_BatchNorm):
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         self.transport = transport
         self.timeout = resolve_timeout(timeout)
-        layer_id = next(_layer_ids)
-        self.name = f"shufflebn.{layer_id}" + (f".{name}" if name else "")
+        # Collective names must match across ranks: a converted layer is named by its module path;
+        # a layer built directly without a name, by its number among those (construction order,
+        # the same on every rank running the same program).
+        self.name = f"shufflebn.{name}" if name else f"shufflebn.{next(_layer_ids)}"
+        self.key = layer_key(self.name, num_features)
         self._untracked_step = 0  # the step of a layer without num_batches_tracked
+        self._step_source = self._step_version = self._step_cache = None
+        self._transport = None
         self.last_permutation = None
         self._batchnorm_class = None  # what convert_shuffle_batchnorm replaced, for revert
         self._input_dim = None
         self._records = recompute.Records()
-        self.register_state_dict_post_hook(_save_untracked_step)
+        self._register_state_dict_hook(_after_state_dict)
+
+    @property
+    def permutation(self) -> perms.PermutationSpec:
+        """The permutation spec: a mode name, a fixed permutation (a tuple) or a callable."""
+        return self._permutation
+
+    @permutation.setter
+    def permutation(self, spec: perms.PermutationSpec) -> None:
+        self._permutation = perms.check_spec(spec)  # sequences become tuples: plans are cached
 
     @property
     def step(self) -> int:
         """Training forwards taken so far; with ``seed``, it decides the permutation."""
-        if self.num_batches_tracked is not None:
-            # A read per forward (a device copy on GPUs): the counter can change behind the
-            # layer's back without any trace (Horovod's in-place broadcasts of elastic state
-            # sync do not bump the tensor's version), and a stale step is a wrong permutation.
-            return int(self.num_batches_tracked)
-        return self._untracked_step
+        return self._host_step()
 
     @step.setter
     def step(self, value: int) -> None:
@@ -106,6 +118,29 @@ class ShuffleBatchNorm(_BatchNorm):
             self.num_batches_tracked.fill_(int(value))
         else:
             self._untracked_step = int(value)
+
+    def _host_step(self) -> int:
+        """The step, kept on the host: it is read from ``num_batches_tracked`` (a device read)
+        only when someone else may have changed that buffer: it was replaced, written in place
+        by an op that bumps its version (load_state_dict, fill_, DDP's buffer broadcast), or
+        handed out by ``state_dict()`` (Horovod's broadcast_parameters and elastic state sync
+        write into those tensors in place without bumping their version)."""
+        counter = self.num_batches_tracked
+        if counter is None:
+            return self._untracked_step
+        if counter is not self._step_source or counter._version != self._step_version:
+            self._step_source, self._step_version = counter, counter._version
+            self._step_cache = int(counter)
+        return self._step_cache
+
+    def _advance_step(self) -> None:
+        counter = self.num_batches_tracked
+        if counter is None:
+            self._untracked_step += 1
+            return
+        step = self._host_step()
+        counter.add_(1)
+        self._step_cache, self._step_version = step + 1, counter._version
 
     def _check_input_dim(self, input):  # for the local paths (eval, plain batch norm)
         error = shape_error(input, self.num_features)
@@ -117,72 +152,98 @@ class ShuffleBatchNorm(_BatchNorm):
         return (f"{super().extra_repr()}, permutation={self.permutation!r}{groups}, "
                 f"transport={self.transport!r}, name={self.name!r}")
 
+    def _current_transport(self):
+        """The layer's transport, looked up once and kept while it stays valid."""
+        transport = self._transport
+        if transport is None or not transport.current(self.transport):
+            transport = make_transport(self.transport, self.name, self.process_set,
+                                       self.process_group)
+            self._transport = transport
+        return transport
+
     # torch.compile compiles the model around the layer, not through it: the layer talks to the
     # other ranks and keeps Python state (records, the step), which a traced graph would freeze.
     @torch.compiler.disable
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not self.training and self.running_mean is not None:
-            # Eval with running statistics: purely local, like torch.nn.BatchNorm.
+        if not self.training:
+            # Local, like torch.nn.BatchNorm and SyncBatchNorm in eval: the running statistics,
+            # or (track_running_stats=False) the batch's own; nothing travels, the step stays.
             self._check_input_dim(input)
             self._input_dim = input.dim()
             return F.batch_norm(input, self.running_mean, self.running_var, self.weight,
-                                self.bias, False, 0.0, self.eps)
-        transport = make_transport(self.transport, self.name, self.process_set,
-                                   self.process_group)
+                                self.bias, self.running_mean is None, 0.0, self.eps)
+        transport = self._current_transport()
         k = self.groups_per_rank
         if transport.size * k == 1:
             return self._plain_forward(input)
         if recompute.in_backward():
             return self._replay(input, transport)
 
-        step = self.step
-        update_running = self.training and self.track_running_stats
-        factor = 0.0
-        if update_running:
-            factor = self.momentum if self.momentum is not None else 1.0 / (step + 1.0)
-        context = WaitContext(self.name, step, "forward", self.timeout)
-        transport.agree_before_first_exchange(self.name, self.num_features, context)
-        try:
-            perm, local_error = perms.permutation_for(self.permutation, self.seed, step,
-                                                      transport.size * k), None
-        except ValueError as error:  # still join the exchange, so every rank can raise it
-            perm, local_error = tuple(range(transport.size * k)), f"invalid permutation: {error}"
-        local_error = local_error or input_error(input, self.num_features, k)
-        needs_grad = torch.is_grad_enabled() and input.requires_grad
-        report = Report(self.name, local_error, perm, needs_grad, self.num_features)
-        route = routing.route(perm, transport.rank, k)
-        if local_error is None:
-            sizes = routing.group_sizes(input.size(0), k)
-            mean, var, counts = local_statistics(input, self.num_features, sizes)
-        else:  # still take part, so that the others learn about the error instead of hanging
-            acc = accumulation_dtype(input.dtype) if input.is_floating_point() else torch.float32
-            mean = var = torch.zeros(k, self.num_features, device=input.device, dtype=acc)
-            sizes, counts = [0] * k, [0] * k
-        borrowed_mean, borrowed_var, summed = exchange_statistics(transport, report, route, mean,
-                                                                  var, counts, context)
-        if update_running:
-            update_running_stats(self.running_mean, self.running_var, summed, factor)
-        output = ShuffleBatchNormFunction.apply(
-            input, self.weight, self.bias, mean, borrowed_mean, borrowed_var, sizes, counts,
-            self.eps, route, transport,
-            WaitContext(self.name, step, "backward", self.timeout))
+        step = self._host_step()
+        plan = plan_for(self.permutation, self.seed, step, transport.size * k, transport.rank, k)
+        error = plan.error or input_error(input, self.num_features, k)
+        needs_grad = input.requires_grad and torch.is_grad_enabled()
+        if error is not None and transport.size == 1:
+            raise ShuffleBatchNormError(f"ShuffleBatchNorm {self.name!r}: {error}")
+        acc = accumulation_dtype(input.dtype) if input.is_floating_point() else torch.float32
+        with torch.no_grad():  # statistics are constants to autograd; the Function knows their gradient
+            if error is None:
+                sizes = group_sizes(input.size(0), k)
+                per_sample = values_per_sample(input)
+                counts = [n * per_sample for n in sizes]
+                chunks = split_groups(input, sizes)
+                means, variances = group_statistics(chunks, acc)
+            else:  # still take part, so that the others learn about the error instead of hanging
+                sizes, counts, chunks = [0] * k, [0] * k, None
+                zeros = torch.zeros(2, k, self.num_features, device=input.device, dtype=acc)
+                means, variances = list(zeros[0]), list(zeros[1])
+            context = WaitContext(self.name, step, "forward", self.timeout)
+            if transport.size == 1:
+                result = borrow_locally(plan, means, variances)
+            else:
+                transport.agree_before_first_exchange(self.name, self.num_features, context)
+                header = agreement.header(error is not None, fingerprint(self.key, plan), needs_grad)
+                result = borrow_across_ranks(
+                    transport, self, plan, means, variances, counts, header,
+                    lambda: make_report(self, error, plan, needs_grad), context)
+            update_running = self.track_running_stats
+            if update_running:
+                factor = self.momentum if self.momentum is not None else 1.0 / (step + 1.0)
+                if result.global_mean is None:  # one process: the whole batch is the global batch
+                    torch.batch_norm_update_stats(input, self.running_mean, self.running_var, factor)
+                else:
+                    dtype = self.running_mean.dtype
+                    torch._foreach_lerp_([self.running_mean, self.running_var],
+                                         [_in_dtype(result.global_mean, dtype),
+                                          _in_dtype(result.global_var, dtype)], factor)
+        weight, bias = _in_dtype(self.weight, acc), _in_dtype(self.bias, acc)
+        if needs_grad:
+            backward_context = WaitContext(self.name, step, "backward", self.timeout)
+            borrowed = Borrowed(chunks, sizes, counts, means, variances, result.means,
+                                result.variances, self.eps,
+                                RouteBack(transport, self, plan, backward_context))
+            output = ShuffleBatchNormFunction.apply(input, weight, bias, borrowed)
+        else:  # MoCo's key encoder: no autograd Function, nothing kept
+            output = normalise(chunks, weight, bias, result.means,
+                               result.variances, self.eps)
         if recompute.may_be_recomputed():
-            self._records.add(recompute.Record(step, route, sizes, counts, mean, var,
-                                               borrowed_mean, borrowed_var))
-        if update_running:
-            self.num_batches_tracked.add_(1)
-        else:
-            self._untracked_step += 1
-        self.last_permutation = perm
+            self._records.add(recompute.Record(step, plan, sizes, counts, means, variances,
+                                               result.means, result.variances))
+        self._advance_step()
+        self.last_permutation = plan.perm
         self._input_dim = input.dim()
         return output
 
     def _replay(self, input, transport):
         """The recomputation of a checkpointed forward: the same permutation and borrowed
         statistics as the forward it recomputes, no communication, no change of state."""
-        sizes = routing.group_sizes(input.size(0), self.groups_per_rank)
-        mean, var, counts = local_statistics(input, self.num_features, sizes)
-        record = self._records.take(mean, var, counts)
+        sizes = group_sizes(input.size(0), self.groups_per_rank)
+        acc = accumulation_dtype(input.dtype)
+        chunks = split_groups(input, sizes)
+        with torch.no_grad():
+            means, variances = group_statistics(chunks, acc)
+        per_sample = values_per_sample(input)
+        record = self._records.take(means, variances, [n * per_sample for n in sizes])
         if record is None:
             raise ShuffleBatchNormError(
                 f"ShuffleBatchNorm {self.name!r}: a forward ran inside a backward pass (the "
@@ -190,10 +251,12 @@ class ShuffleBatchNorm(_BatchNorm):
                 f"{recompute.CAPACITY} forwards of this layer, so it cannot replay the "
                 "permutation and statistics of the forward it recomputes. Is the checkpointed "
                 "block deterministic (same input, dropout under preserve_rng_state=True)?")
-        return ShuffleBatchNormFunction.apply(
-            input, self.weight, self.bias, mean, record.borrowed_mean, record.borrowed_var,
-            record.sizes, record.counts, self.eps, record.route, transport,
-            WaitContext(self.name, record.step, "backward", self.timeout))
+        context = WaitContext(self.name, record.step, "backward", self.timeout)
+        borrowed = Borrowed(chunks, record.sizes, record.counts, record.own_means, record.own_vars,
+                            record.borrowed_means, record.borrowed_vars, self.eps,
+                            RouteBack(transport, self, record.plan, context))
+        return ShuffleBatchNormFunction.apply(input, _in_dtype(self.weight, acc),
+                                              _in_dtype(self.bias, acc), borrowed)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
@@ -208,12 +271,21 @@ class ShuffleBatchNorm(_BatchNorm):
         state["process_set"] = _GroupRef.of_process_set(self.process_set)
         state["process_group"] = _GroupRef.of_process_group(self.process_group)
         state["_records"] = recompute.Records()
+        state["_transport"] = state["_step_source"] = None  # looked up again where it lands
         return state
 
     def __setstate__(self, state):
         state.setdefault("groups_per_rank", 1)
+        if "permutation" in state:  # pickled before the spec became a property
+            state["_permutation"] = perms.check_spec(state.pop("permutation"))
         state.setdefault("process_group", None)
+        state.setdefault("_transport", None)
+        state.setdefault("_step_source", None)
+        state.setdefault("_step_version", None)
+        state.setdefault("_step_cache", None)
         super().__setstate__(state)
+        if "key" not in state:
+            self.key = layer_key(self.name, self.num_features)
         for key in ("process_set", "process_group"):
             if isinstance(getattr(self, key), _GroupRef):
                 setattr(self, key, getattr(self, key).resolve())
@@ -244,11 +316,17 @@ class ShuffleBatchNorm(_BatchNorm):
         return convert_shuffle_batchnorm(module, **layer_kwargs)
 
 
-def _save_untracked_step(module, state_dict, prefix, local_metadata):
-    """Keep the step of a layer without num_batches_tracked in the state dict's metadata: no new
-    key, so the state dict still loads strictly into a plain BatchNorm and back."""
+def _after_state_dict(module, state_dict, prefix, local_metadata):
+    """Keep the step of a layer without num_batches_tracked in the state dict's metadata (no new
+    key, so the state dict still loads strictly into a plain BatchNorm and back); a counter handed
+    out may be written in place without a trace (a broadcast), so the next forward reads it."""
     if module.num_batches_tracked is None:
         local_metadata[STEP_METADATA] = module._untracked_step
+    module._step_source = None
+
+
+def _in_dtype(tensor, dtype):
+    return tensor if tensor is None or tensor.dtype == dtype else tensor.to(dtype)
 
 
 class _GroupRef:

@@ -5,9 +5,9 @@ costs no communication. A fingerprint of ``p`` travels with the statistics so th
 disagree anyway (different seeds, a rank-dependent callable) are caught instead of mis-routed.
 """
 import functools
+import random
 from typing import Callable, Sequence, Tuple, Union
 
-import torch
 
 PermutationSpec = Union[str, Sequence[int], Callable[[int, int], Sequence[int]]]
 MODES = ("derangement", "random", "shift")
@@ -57,13 +57,15 @@ def permutation_for(spec: PermutationSpec, seed: int, step: int, size: int) -> T
 
 @functools.lru_cache(maxsize=16)  # every layer of a network asks for the same one each step
 def _seeded(seed: int, step: int, size: int, derangement: bool) -> Tuple[int, ...]:
-    # One generator per (seed, step): the same on every rank, independent of anything else the
-    # program draws from torch's global RNG.
-    gen = torch.Generator().manual_seed((seed * 1_000_003 + step) % (2 ** 63))
+    # One generator per (seed, step): the same on every rank (Python's Mersenne Twister seeded by
+    # an int is platform independent), independent of anything else the program draws, and
+    # pure host work: no tensor op.
+    gen = random.Random((seed * 1_000_003 + step) % (2 ** 63))
+    perm = list(range(size))
     while True:  # rejection sampling: a random permutation is a derangement with probability ~1/e
-        perm = tuple(torch.randperm(size, generator=gen).tolist())
+        gen.shuffle(perm)
         if not derangement or size < 2 or all(p != r for r, p in enumerate(perm)):
-            return perm
+            return tuple(perm)
 
 
 def inverse(perm: Sequence[int]) -> Tuple[int, ...]:

@@ -41,13 +41,13 @@ def may_be_recomputed() -> bool:
 
 class Record(NamedTuple):
     step: int
-    route: object  # routing.Route: the permutation and who sends what
+    plan: object  # plan.StepPlan: the permutation and who sends what
     sizes: list
     counts: list
-    own_mean: torch.Tensor  # (groups, C), like the three below
-    own_var: torch.Tensor
-    borrowed_mean: torch.Tensor
-    borrowed_var: torch.Tensor
+    own_means: list  # per group, (C,) tensors, like the three below
+    own_vars: list
+    borrowed_means: list
+    borrowed_vars: list
 
 
 class Records:
@@ -62,19 +62,21 @@ class Records:
     def add(self, record: Record) -> None:
         self._records.append(record)
 
-    def take(self, own_mean: torch.Tensor, own_var: torch.Tensor, counts) -> Optional[Record]:
+    def take(self, own_means: list, own_vars: list, counts) -> Optional[Record]:
         """Remove and return the record of the forward whose input had these statistics: the
         oldest bit-identical one, else (a recomputation that is not bit-exact, e.g. some GPU
         kernels) the closest within a relative 1e-4, else None."""
         best, best_error = None, None
+        own_mean, own_var = torch.stack(own_means), torch.stack(own_vars)
         for index, record in enumerate(self._records):
-            if list(record.counts) != list(counts) or record.own_mean.shape != own_mean.shape:
+            if list(record.counts) != list(counts) or len(record.own_means) != len(own_means):
                 continue
-            if torch.equal(record.own_mean, own_mean) and torch.equal(record.own_var, own_var):
+            record_mean, record_var = torch.stack(record.own_means), torch.stack(record.own_vars)
+            if torch.equal(record_mean, own_mean) and torch.equal(record_var, own_var):
                 best = index
                 break
-            error = max(_relative_error(record.own_mean, own_mean),
-                        _relative_error(record.own_var, own_var))
+            error = max(_relative_error(record_mean, own_mean),
+                        _relative_error(record_var, own_var))
             if error <= 1e-4 and (best_error is None or error < best_error):
                 best, best_error = index, error
         if best is None:

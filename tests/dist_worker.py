@@ -203,9 +203,15 @@ def case_dtypes_and_memory_formats():
 def case_affine_and_tracking_off():
     layer = ShuffleBN(4, affine=False, track_running_stats=False)
     run_and_check(layer, (3, 4, 6), torch.float64, steps=1)
-    # Without running statistics, eval mode also shuffles batch statistics.
+    # Without running statistics, eval mode normalises each batch with its own statistics and
+    # communicates nothing, like SyncBatchNorm: rank 0 alone may evaluate.
     layer.eval()
-    run_and_check(layer, (3, 4, 6), torch.float64, steps=1)
+    step = layer.step
+    if RANK == 0:
+        x = make_input((3, 4, 6), torch.float64, seed=99)
+        expected = torch.nn.functional.batch_norm(x, None, None, training=True, eps=layer.eps)
+        close(layer(x), expected, torch.float64, "eval output without running statistics")
+    assert layer.step == step
 
 
 def case_eval_is_local():

@@ -35,6 +35,16 @@ class Transport:
         source rank and the summed ``sums``."""
         raise NotImplementedError
 
+    def rows_device(self, device: torch.device) -> torch.device:
+        """Where this transport wants the rows of a layer whose input lives on ``device``: the
+        host for transports that stage through host memory."""
+        return torch.device("cpu")
+
+    def current(self, requested: str) -> bool:
+        """Whether a layer that asked for ``requested`` may keep using this transport (a
+        re-initialised Horovod or torch.distributed needs a new one)."""
+        return True
+
     def sum(self, name: str, totals: torch.Tensor, context: WaitContext) -> torch.Tensor:
         raise NotImplementedError
 
@@ -73,11 +83,15 @@ def rows_from(expect: Dict[int, int]) -> str:
     return f"the rows of rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
 
 
-def pack_rows(rows: Rows, size: int, width: int) -> Tuple[torch.Tensor, List[int]]:
-    """The rows of an all-to-all: concatenated in rank order, and how many go to each rank."""
+def pack_rows(rows: Rows, size: int, width: int, device) -> Tuple[torch.Tensor, List[int]]:
+    """The rows of an all-to-all: concatenated in rank order, and how many go to each rank. A
+    rank with nothing to send still submits a tensor on ``device``: Horovod with GPU collectives
+    refuses a CPU tensor from one rank when the others submit CUDA ones."""
     counts = [rows[r].shape[0] if r in rows else 0 for r in range(size)]
     if not rows:
-        return torch.empty(0, width, dtype=torch.float64), counts
+        return torch.empty(0, width, dtype=torch.float64, device=device), counts
+    if len(rows) == 1:
+        return next(iter(rows.values())), counts
     return torch.cat([rows[r] for r in sorted(rows)]), counts
 
 

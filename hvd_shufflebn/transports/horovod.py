@@ -36,6 +36,13 @@ class HorovodTransport(Transport):
     def _stage(self, tensor):
         return tensor.cpu() if self._cpu_only else tensor
 
+    def rows_device(self, device):
+        return torch.device("cpu") if self._cpu_only else device
+
+    def current(self, requested):
+        return (hvd.is_initialized() and self.process_set.size() == self.size
+                and self.process_set.rank() == self.rank)
+
     def _wait(self, handle, context: WaitContext, waiting_for: str):
         wait_until(lambda: hvd.poll(handle), context, self, waiting_for, pause=_POLL_PAUSE)
         # Done: returns at once. A peer that died surfaces here as HorovodInternalError, which
@@ -45,7 +52,7 @@ class HorovodTransport(Transport):
     def exchange(self, name, rows, expect, width, device, context, header=None, sums=None,
                  check=None, match=0):
         self.check_usable()
-        sent, counts = pack_rows(rows, self.size, width)
+        sent, counts = pack_rows(rows, self.size, width, device)
         splits = torch.tensor(counts, dtype=torch.int32)
         moved = hvd.alltoall_async(self._stage(sent), splits=splits, name=name,
                                    process_set=self.process_set)

@@ -12,6 +12,12 @@ class LocalTransport(Transport):
             check(header)
         return {}, sums
 
+    def current(self, requested):
+        if requested == "local":
+            return True
+        from . import resolve_kind  # "auto": Horovod or torch.distributed may be up by now
+        return resolve_kind("auto", "") == "local"
+
     def sum(self, name, totals, context):
         return totals
 

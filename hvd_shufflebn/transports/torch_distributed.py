@@ -25,10 +25,24 @@ class TorchDistributedTransport(Transport):
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
         self._global_ranks = dist.get_process_group_ranks(group or dist.group.WORLD)
-        backend = dist.get_backend(group)
-        self._device = (torch.device("cuda", torch.cuda.current_device())
-                        if backend == "nccl" else torch.device("cpu"))
+        # "nccl", or a multi-backend group such as the default "cpu:gloo,cuda:nccl".
+        backend = str(dist.get_backend(group))
+        self._cuda_collectives = "nccl" in backend
+        # The small collectives of the agreement and the error path: a NCCL-only group has no
+        # CPU collectives.
+        self._device = (torch.device("cuda", torch.cuda.current_device()) if backend == "nccl"
+                        else torch.device("cpu"))
         self.stall_board = StoreStallBoard(self._global_ranks, self.rank)
+
+    def rows_device(self, device):
+        """CUDA tensors stay on their own device under NCCL; everything else goes through the
+        host (Gloo)."""
+        if device.type == "cuda" and self._cuda_collectives:
+            return device
+        return torch.device("cpu")
+
+    def current(self, requested):
+        return dist.is_initialized()
 
     def _wait(self, works, context, waiting_for):
         wait_until(lambda: all(w.is_completed() for w in works), context, self, waiting_for)
@@ -40,18 +54,18 @@ class TorchDistributedTransport(Transport):
         self.check_usable()
         summed = None
         if header is not None:
-            totals = torch.cat([header, sums]).to(self._device)
+            totals = torch.cat([header, sums.to(device)])
             self._wait([dist.all_reduce(totals, group=self.group, async_op=True)], context,
                        "the sum over all ranks")
             check(totals[:header.numel()].cpu())
             summed = totals[header.numel():].to(device)
         # One all_to_all_single with a row count per peer (most of them 0): a collective, so its
         # completion can be polled on every backend, and consistent once the header agreed.
-        sent, send_counts = pack_rows(rows, self.size, width)
+        sent, send_counts = pack_rows(rows, self.size, width, device)
         receive_counts = [expect.get(r, 0) for r in range(self.size)]
         received = torch.empty(sum(receive_counts), width, dtype=torch.float64,
-                               device=self._device)
-        work = dist.all_to_all_single(received, sent.to(self._device).contiguous(),
+                               device=device)
+        work = dist.all_to_all_single(received, sent.contiguous(),
                                       receive_counts, send_counts, group=self.group,
                                       async_op=True)
         self._wait([work], context, rows_from(expect))

@@ -1,0 +1,139 @@
+"""Moving statistics between groups: borrowing in the forward, the gradient of what was borrowed
+back to its lender in the backward.
+
+One process (the local transport) only re-orders Python lists of device tensors: no copy, no
+device sync. Between ranks, everything one exchange needs travels as one buffer: a rank's group
+rows (mean, variance), the summed header (agreement.py) and the sums for the running statistics
+are staged in ONE copy to where the transport works (host memory for MPI, Gloo and a Horovod
+without GPU collectives), and what comes back (borrowed rows, global mean and variance) in ONE
+copy to the input's device.
+"""
+from typing import List, Sequence
+
+import torch
+
+from . import plan as plans
+from .agreement import Report, raise_if_any_rank_failed
+from .waits import WaitContext
+
+
+class ForwardResult:
+    __slots__ = ("means", "variances", "global_mean", "global_var")
+
+    def __init__(self, means, variances, global_mean=None, global_var=None):
+        self.means, self.variances = means, variances
+        self.global_mean, self.global_var = global_mean, global_var
+
+
+def borrow_locally(plan: plans.StepPlan, means: List[torch.Tensor],
+                   variances: List[torch.Tensor]) -> ForwardResult:
+    """Every lender is on this rank: the borrowed statistics are the lenders' own tensors."""
+    lenders = [i for _, i in plan.lenders]
+    return ForwardResult([means[i] for i in lenders], [variances[i] for i in lenders])
+
+
+def borrow_across_ranks(transport, layer, plan: plans.StepPlan, means, variances,
+                        counts: Sequence[int], report_header: List[float], make_report,
+                        context: WaitContext) -> ForwardResult:
+    """The forward exchange: send my lending groups' rows, receive my borrowing groups' rows,
+    and sum the header and the running statistics' moments over all ranks; every rank raises the
+    same error if any rank reported a problem. Returns the borrowed statistics and the global
+    mean and unbiased variance, in the accumulation dtype on the input's device."""
+    device, acc = means[0].device, means[0].dtype
+    where = transport.rows_device(device)
+    k, c = len(means), means[0].numel()
+    # Rows travel in float64: the variance of the union of all batches, E[x^2] - E[x]^2, does
+    # not cancel catastrophically, and counts are exact.
+    table = torch.cat(means + variances).to(where, torch.float64).view(2, k, c)
+    mean, var = table[0], table[1]
+    rows = torch.cat([mean, var], dim=1)  # (k, 2C)
+    moments = torch.cat([mean, torch.addcmul(var, mean, mean)], dim=1)
+    if len(set(counts)) == 1:
+        sums = moments.sum(0).mul_(counts[0])
+    else:
+        sums = sum(moments[j] * counts[j] for j in range(k))
+    header = torch.tensor(report_header + [float(sum(counts))], dtype=torch.float64)
+    route = plan.route
+    sends = {dest: _rows(rows, groups) for dest, groups in route.sends.items()}
+    expect = {source: len(groups) for source, groups in route.receives.items()}
+
+    totals = {}
+
+    def check(summed_header):  # called by the transport before any received row is used
+        summed_header = summed_header.tolist()
+        totals["count"] = summed_header[-1]
+        raise_if_any_rank_failed(transport, layer.name, summed_header[:-1], make_report(),
+                                 context)
+    received, summed = transport.exchange(
+        layer.name, sends, expect, 2 * c, where, context, header.to(where), sums, check,
+        match=plans.match_key(layer.key, context.step, "forward", plan))
+    incoming = _concat(received, where)
+    borrowed = [rows[i] if kind == "local" else incoming[i] for kind, i in plan.lenders]
+    total = totals["count"]
+    global_mean = summed[:c] / total
+    global_var = (summed[c:] / total).addcmul_(global_mean, global_mean, value=-1)
+    global_var.clamp_min_(0).mul_(total / (total - 1))
+    # ONE copy back: the k borrowed rows and the global statistics, in the accumulation dtype.
+    back = torch.stack(borrowed + [torch.cat([global_mean, global_var])]).to(device, acc)
+    rows_back = back.unbind(0)
+    borrowed_means = [r[:c] for r in rows_back[:k]]
+    borrowed_vars = [r[c:] for r in rows_back[:k]]
+    return ForwardResult(borrowed_means, borrowed_vars, rows_back[k][:c], rows_back[k][c:])
+
+
+def _rows(rows: torch.Tensor, groups: Sequence[int]) -> torch.Tensor:
+    if len(groups) == rows.shape[0]:  # all my groups, in order
+        return rows
+    return torch.stack([rows[g] for g in groups])
+
+
+def _concat(received, where):
+    """The received rows, concatenated in source-rank order (the order plan.py numbers them)."""
+    if not received:
+        return None
+    if len(received) == 1:
+        return next(iter(received.values()))
+    return torch.cat([received[s] for s in sorted(received)])
+
+
+class RouteBack:
+    """The backward exchange of one training forward: the gradient of the borrowed statistics,
+    one row per borrowing group, goes back to the group it borrowed from."""
+    __slots__ = ("transport", "layer", "plan", "context")
+
+    def __init__(self, transport, layer, plan: plans.StepPlan, context: WaitContext):
+        self.transport, self.layer, self.plan, self.context = transport, layer, plan, context
+
+    def __call__(self, sum_dy: List[torch.Tensor], sum_dy_xmu_invstd: List[torch.Tensor],
+                 weight):
+        """``sum_dy[t]``, ``sum_dy_xmu_invstd[t]``: the sums of my borrowing group t. Returns what
+        my lending groups receive, as two (k, C) tensors in my groups' order, and whether they
+        are already weighted by the borrower's weight."""
+        plan = self.plan
+        if not plan.route.crosses:  # every rank's lenders are its own: nothing travels
+            order = [t for _, t in plan.borrowers]
+            return (torch.stack([sum_dy[t] for t in order]),
+                    torch.stack([sum_dy_xmu_invstd[t] for t in order]), False)
+        device, acc = sum_dy[0].device, sum_dy[0].dtype
+        where = self.transport.rows_device(device)
+        c = sum_dy[0].numel()
+        rows = torch.cat([torch.stack(sum_dy), torch.stack(sum_dy_xmu_invstd)], dim=1)
+        if weight is not None:  # ranks may hold different weights: the borrower's counts
+            rows = rows * weight.repeat(2)
+        rows = rows.to(where, torch.float64)
+        route = plan.route
+        # The forward route reversed: rows go from my borrowing groups back to their lenders.
+        sends = {lender: _rows(rows, groups) for lender, groups in route.receives.items()}
+        expect = {borrower: len(groups) for borrower, groups in route.sends.items()}
+        context = self.context
+        received, _ = self.transport.exchange(
+            self.layer.name + ".grad", sends, expect, 2 * c, where, context,
+            match=plans.match_key(self.layer.key, context.step, "backward", plan))
+        incoming = _concat(received, where)
+        mine = torch.stack([rows[t] if kind == "local" else incoming[t]
+                            for kind, t in plan.borrowers]).to(device, acc)
+        return mine[:, :c], mine[:, c:], True
+
+
+def make_report(layer, error, plan, needs_grad):
+    return Report(layer.name, error, plan.perm, needs_grad, layer.num_features)
