@@ -226,9 +226,10 @@ class ShuffleBatchNorm(_BatchNorm):
         else:  # MoCo's key encoder: no autograd Function, nothing kept
             output = normalise(chunks, weight, bias, result.means,
                                result.variances, self.eps)
-        if recompute.may_be_recomputed():
-            self._records.add(recompute.Record(step, plan, sizes, counts, means, variances,
-                                               result.means, result.variances))
+        call = recompute.checkpoint_call()
+        if call is not None:  # a checkpointed block: its recomputation will replay this forward
+            self._records.add(call, recompute.Record(step, plan, sizes, counts, means, variances,
+                                                     result.means, result.variances))
         self._advance_step()
         self.last_permutation = plan.perm
         self._input_dim = input.dim()
@@ -237,23 +238,19 @@ class ShuffleBatchNorm(_BatchNorm):
     def _replay(self, input, transport):
         """The recomputation of a checkpointed forward: the same permutation and borrowed
         statistics as the forward it recomputes, no communication, no change of state."""
-        sizes = group_sizes(input.size(0), self.groups_per_rank)
-        acc = accumulation_dtype(input.dtype)
-        chunks = split_groups(input, sizes)
-        with torch.no_grad():
-            means, variances = group_statistics(chunks, acc)
-        per_sample = values_per_sample(input)
-        record = self._records.take(means, variances, [n * per_sample for n in sizes])
+        record = self._records.take(recompute.checkpoint_call())
         if record is None:
             raise ShuffleBatchNormError(
-                f"ShuffleBatchNorm {self.name!r}: a forward ran inside a backward pass (the "
-                "recomputation of torch.utils.checkpoint) but its input matches none of the last "
-                f"{recompute.CAPACITY} forwards of this layer, so it cannot replay the "
-                "permutation and statistics of the forward it recomputes. Is the checkpointed "
-                "block deterministic (same input, dropout under preserve_rng_state=True)?")
+                f"ShuffleBatchNorm {self.name!r}: a forward ran inside a backward pass, but not "
+                "as the recomputation of a forward of this layer inside torch.utils.checkpoint "
+                "(reentrant or not), so there is no forward whose permutation and statistics it "
+                "could replay. Run training forwards outside backward hooks, or checkpoint with "
+                "torch.utils.checkpoint.")
+        acc = accumulation_dtype(input.dtype)
         context = WaitContext(self.name, record.step, "backward", self.timeout)
-        borrowed = Borrowed(chunks, record.sizes, record.counts, record.own_means, record.own_vars,
-                            record.borrowed_means, record.borrowed_vars, self.eps,
+        borrowed = Borrowed(split_groups(input, record.sizes), record.sizes, record.counts,
+                            record.own_means, record.own_vars, record.borrowed_means,
+                            record.borrowed_vars, self.eps,
                             RouteBack(transport, self, record.plan, context))
         return ShuffleBatchNormFunction.apply(input, _in_dtype(self.weight, acc),
                                               _in_dtype(self.bias, acc), borrowed)

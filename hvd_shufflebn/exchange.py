@@ -82,8 +82,8 @@ def borrow_across_ranks(transport, layer, plan: plans.StepPlan, means, variances
 
 
 def _rows(rows: torch.Tensor, groups: Sequence[int]) -> torch.Tensor:
-    if len(groups) == rows.shape[0]:  # all my groups, in order
-        return rows
+    if len(groups) == rows.shape[0] and all(g == i for i, g in enumerate(groups)):
+        return rows  # all my groups, in order
     return torch.stack([rows[g] for g in groups])
 
 

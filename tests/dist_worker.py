@@ -440,6 +440,7 @@ def case_checkpoint_recompute():
                                               layer.momentum)
                 close(layer.running_mean, mean, torch.float32, f"running_mean, {what}")
                 close(layer.running_var, var, torch.float32, f"running_var, {what}")
+            del y  # records live as long as the checkpoint call (its graph) does
             assert len(layer._records) == 0, "a record was left behind"
 
     # A block of two layers, checkpointed, against the same block without checkpointing.

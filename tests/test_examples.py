@@ -138,3 +138,53 @@ def test_moco_sweep_tiny(tmp_path):
         # with someone else's (or the global batch's), so the per-rank means move off zero.
         offset = r["first_step_key_offset"]
         assert (offset < 1e-4) if mode == "plain" else (offset > 1e-3), (size, mode, offset)
+
+
+RECIPE = ROOT / "examples" / "moco_recipe.py"
+RECIPE_CONVERSION = ("convert_shuffle_batchnorm(copy.deepcopy(encoder_q), seed=args.seed, "
+                     "**layer_kwargs)")
+
+
+def assert_recipe_passed(done, launcher, ranks):
+    """Exit 0, the loss printed, and every rank's own check passed (docs/recipe.md's promises:
+    only the key encoder converted, borrowed statistics, running statistics bit-identical on
+    every rank, state_dict loads strictly into the unconverted encoder and back)."""
+    assert done.returncode == 0
+    assert re.search(r"step 4/4: loss [0-9.]+", done.stdout)
+    for rank in range(ranks):
+        assert re.search(rf"PASS recipe {launcher} rank {rank}$", done.stdout, re.M), rank
+    assert "FAIL recipe" not in done.stdout
+    assert_lines_whole(done.stdout, ranks)
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("launcher", ["torchrun", "horovodrun-gloo", "mpirun"])
+def test_moco_recipe_under_launcher(launcher):
+    """The recipe's script, unchanged, under DDP, Horovod's Gloo (horovod transport) and mpirun
+    (mpi transport); --launcher auto finds which from the environment."""
+    done = run(launcher, 2, RECIPE, "--steps", "4", timeout=60)
+    assert_recipe_passed(done, "torch" if launcher == "torchrun" else "horovod", 2)
+
+
+def test_moco_recipe_one_process():
+    """No launcher: groups_per_rank=2, transport="local"."""
+    done = subprocess.run([sys.executable, str(RECIPE), "--steps", "4"], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
+    print(done.stdout)
+    assert_recipe_passed(done, "none", 1)
+
+
+@pytest.mark.mpi
+def test_moco_recipe_check_catches_an_unconverted_key_encoder(tmp_path):
+    """The script's check is not vacuous: the same script with the key encoder left as a plain
+    deepcopy (the conversion skipped) fails on every rank, and says why."""
+    source = RECIPE.read_text()
+    assert source.count(RECIPE_CONVERSION) == 1
+    broken = tmp_path / "moco_recipe_unconverted.py"
+    broken.write_text(source.replace(RECIPE_CONVERSION, "copy.deepcopy(encoder_q)"))
+    done = run("torchrun", 2, broken, "--steps", "4", timeout=60,
+               PYTHONPATH=str(ROOT / "examples"))  # the copy imports common.py from there
+    assert done.returncode != 0 and "PASS recipe" not in done.stdout
+    for rank in range(2):
+        assert f"FAIL recipe torch rank {rank};" in done.stdout, rank
+    assert "the key encoder's running statistics differ between ranks" in done.stdout

@@ -195,27 +195,6 @@ def test_timeout_from_argument_or_environment(monkeypatch):
         ShuffleBatchNorm(2, timeout=0)
 
 
-def test_recompute_records_match_by_statistics():
-    from hvd_shufflebn.recompute import CAPACITY, Record, Records
-    records = Records()
-    mean = torch.tensor([[1.0, 2.0]])
-
-    def record(step, m, counts=(4,)):
-        return Record(step, None, [2], list(counts), list(m), list(m + 1), list(m * 0), list(m * 0))
-    records.add(record(0, mean))
-    records.add(record(1, mean + 1))
-    records.add(record(2, mean))  # the same input twice: the older one is replayed first
-    assert records.take(list(mean + 1), list(mean + 2), [4]).step == 1
-    assert records.take(list(mean), list(mean + 1), [5]) is None  # another count
-    assert records.take(list(mean * (1 + 1e-7)), list(mean * (1 + 1e-7) + 1), [4]).step == 0  # not bit-exact
-    assert records.take(list(mean), list(mean + 1), [4]).step == 2
-    assert records.take(list(mean), list(mean + 1), [4]) is None and len(records) == 0
-    assert records.take(list(mean * 1.01), list(mean + 1), [4]) is None
-    for step in range(CAPACITY + 5):
-        records.add(record(step, mean + step))
-    assert len(records) == CAPACITY and records.take(list(mean), list(mean + 1), [4]) is None  # oldest dropped
-
-
 @pytest.mark.parametrize("k,spec,shape", [(2, "derangement", (7, 3)), (3, "random", (8, 3, 5)),
                                           (4, "shift", (9, 3, 2, 2))])
 def test_groups_in_one_process_match_the_reference(k, spec, shape):
