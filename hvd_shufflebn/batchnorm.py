@@ -1,6 +1,10 @@
 """ShuffleBatchNorm, a drop-in torch.nn.BatchNorm*d, and the helpers that swap it in and out."""
 import itertools
+import logging
+import os
+import sys
 import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -24,6 +28,10 @@ from .waits import WaitContext, resolve_timeout
 # the same on every rank running the same program.
 _layer_ids = itertools.count()  # layers built without a name
 _warned_single_rank = set()
+_all_layers = weakref.WeakSet()  # for the one line that says which transport runs
+_announced = set()
+LOG_ENV = "HVD_SHUFFLEBN_LOG"  # "1": print that line to stderr too, not only log it at INFO
+logger = logging.getLogger("hvd_shufflebn")
 STEP_METADATA = "shufflebn_step"  # the step of a layer without num_batches_tracked
 
 
@@ -92,6 +100,8 @@ class ShuffleBatchNorm(_BatchNorm):
         self._untracked_step = 0  # the step of a layer without num_batches_tracked
         self._step_source = self._step_version = self._step_cache = None
         self._transport = None
+        self.transport_reason: Optional[str] = None  # why the transport was chosen
+        _all_layers.add(self)
         self.last_permutation = None
         self._batchnorm_class = None  # what convert_shuffle_batchnorm replaced, for revert
         self._input_dim = None
@@ -149,8 +159,18 @@ class ShuffleBatchNorm(_BatchNorm):
 
     def extra_repr(self):
         groups = f", groups_per_rank={self.groups_per_rank}" if self.groups_per_rank > 1 else ""
+        resolved = ""
+        if self.transport == "auto" and self.resolved_transport is not None:
+            resolved = f" (resolved: {self.resolved_transport!r})"
         return (f"{super().extra_repr()}, permutation={self.permutation!r}{groups}, "
-                f"transport={self.transport!r}, name={self.name!r}")
+                f"transport={self.transport!r}{resolved}, name={self.name!r}")
+
+    @property
+    def resolved_transport(self) -> Optional[str]:
+        """What ``transport`` resolved to at the last training forward ("mpi", "horovod",
+        "torch.distributed", "local"), or None before the first one; ``transport_reason`` says
+        why."""
+        return None if self._transport is None else self._transport.kind
 
     def _current_transport(self):
         """The layer's transport, looked up once and kept while it stays valid."""
@@ -158,7 +178,8 @@ class ShuffleBatchNorm(_BatchNorm):
         if transport is None or not transport.current(self.transport):
             transport = make_transport(self.transport, self.name, self.process_set,
                                        self.process_group)
-            self._transport = transport
+            self._transport, self.transport_reason = transport, transport.reason
+            _announce(self, transport)
         return transport
 
     # torch.compile compiles the model around the layer, not through it: the layer talks to the
@@ -182,40 +203,24 @@ class ShuffleBatchNorm(_BatchNorm):
         step = self._host_step()
         plan = plan_for(self.permutation, self.seed, step, transport.size * k, transport.rank, k)
         error = plan.error or input_error(input, self.num_features, k)
-        needs_grad = input.requires_grad and torch.is_grad_enabled()
         if error is not None and transport.size == 1:
             raise ShuffleBatchNormError(f"ShuffleBatchNorm {self.name!r}: {error}")
+        needs_grad = input.requires_grad and torch.is_grad_enabled()
         acc = accumulation_dtype(input.dtype) if input.is_floating_point() else torch.float32
-        with torch.no_grad():  # statistics are constants to autograd; the Function knows their gradient
-            if error is None:
-                sizes = group_sizes(input.size(0), k)
-                per_sample = values_per_sample(input)
-                counts = [n * per_sample for n in sizes]
-                chunks = split_groups(input, sizes)
-                means, variances = group_statistics(chunks, acc)
-            else:  # still take part, so that the others learn about the error instead of hanging
-                sizes, counts, chunks = [0] * k, [0] * k, None
-                zeros = torch.zeros(2, k, self.num_features, device=input.device, dtype=acc)
-                means, variances = list(zeros[0]), list(zeros[1])
-            context = WaitContext(self.name, step, "forward", self.timeout)
+        with torch.no_grad():  # constants to autograd: the Function knows their gradient
+            sizes, counts, chunks, means, variances = self._statistics(input, acc, error)
             if transport.size == 1:
                 result = borrow_locally(plan, means, variances)
             else:
+                context = WaitContext(self.name, step, "forward", self.timeout)
                 transport.agree_before_first_exchange(self.name, self.num_features, context)
-                header = agreement.header(error is not None, fingerprint(self.key, plan), needs_grad)
+                header = agreement.header(error is not None, fingerprint(self.key, plan),
+                                          needs_grad)
                 result = borrow_across_ranks(
                     transport, self, plan, means, variances, counts, header,
                     lambda: make_report(self, error, plan, needs_grad), context)
-            update_running = self.track_running_stats
-            if update_running:
-                factor = self.momentum if self.momentum is not None else 1.0 / (step + 1.0)
-                if result.global_mean is None:  # one process: the whole batch is the global batch
-                    torch.batch_norm_update_stats(input, self.running_mean, self.running_var, factor)
-                else:
-                    dtype = self.running_mean.dtype
-                    torch._foreach_lerp_([self.running_mean, self.running_var],
-                                         [_in_dtype(result.global_mean, dtype),
-                                          _in_dtype(result.global_var, dtype)], factor)
+            if self.track_running_stats:
+                self._update_running_stats(input, result, step)
         weight, bias = _in_dtype(self.weight, acc), _in_dtype(self.bias, acc)
         if needs_grad:
             backward_context = WaitContext(self.name, step, "backward", self.timeout)
@@ -224,8 +229,7 @@ class ShuffleBatchNorm(_BatchNorm):
                                 RouteBack(transport, self, plan, backward_context))
             output = ShuffleBatchNormFunction.apply(input, weight, bias, borrowed)
         else:  # MoCo's key encoder: no autograd Function, nothing kept
-            output = normalise(chunks, weight, bias, result.means,
-                               result.variances, self.eps)
+            output = normalise(chunks, weight, bias, result.means, result.variances, self.eps)
         call = recompute.checkpoint_call()
         if call is not None:  # a checkpointed block: its recomputation will replay this forward
             self._records.add(call, recompute.Record(step, plan, sizes, counts, means, variances,
@@ -234,6 +238,29 @@ class ShuffleBatchNorm(_BatchNorm):
         self.last_permutation = plan.perm
         self._input_dim = input.dim()
         return output
+
+    def _statistics(self, input, acc, error):
+        """Per group: sizes, values per channel, the input's views, means and variances."""
+        k = self.groups_per_rank
+        if error is not None:  # still take part, so that the others learn about the error
+            zeros = torch.zeros(2, k, self.num_features, device=input.device, dtype=acc)
+            return [0] * k, [0] * k, None, list(zeros[0]), list(zeros[1])
+        sizes = group_sizes(input.size(0), k)
+        per_sample = values_per_sample(input)
+        chunks = split_groups(input, sizes)
+        means, variances = group_statistics(chunks, acc)
+        return sizes, [n * per_sample for n in sizes], chunks, means, variances
+
+    def _update_running_stats(self, input, result, step):
+        """Blend in the mean and unbiased variance of the global batch (identical on every rank)."""
+        factor = self.momentum if self.momentum is not None else 1.0 / (step + 1.0)
+        if result.global_mean is None:  # one process: the whole batch is the global batch
+            torch.batch_norm_update_stats(input, self.running_mean, self.running_var, factor)
+            return
+        dtype = self.running_mean.dtype
+        torch._foreach_lerp_([self.running_mean, self.running_var],
+                             [_in_dtype(result.global_mean, dtype),
+                              _in_dtype(result.global_var, dtype)], factor)
 
     def _replay(self, input, transport):
         """The recomputation of a checkpointed forward: the same permutation and borrowed
@@ -277,12 +304,14 @@ class ShuffleBatchNorm(_BatchNorm):
             state["_permutation"] = perms.check_spec(state.pop("permutation"))
         state.setdefault("process_group", None)
         state.setdefault("_transport", None)
+        state.setdefault("transport_reason", None)
         state.setdefault("_step_source", None)
         state.setdefault("_step_version", None)
         state.setdefault("_step_cache", None)
         super().__setstate__(state)
         if "key" not in state:
             self.key = layer_key(self.name, self.num_features)
+        _all_layers.add(self)
         for key in ("process_set", "process_group"):
             if isinstance(getattr(self, key), _GroupRef):
                 setattr(self, key, getattr(self, key).resolve())
@@ -294,7 +323,7 @@ class ShuffleBatchNorm(_BatchNorm):
             warnings.warn("ShuffleBatchNorm: there is a single rank and groups_per_rank=1, so "
                           "there is no other group to borrow statistics from; using plain batch "
                           "norm (set groups_per_rank >= 2 to shuffle within one process)",
-                          stacklevel=3)
+                          stacklevel=_user_stacklevel())
         if recompute.in_backward():  # a checkpoint's recomputation: no second update
             self._check_input_dim(input)
             output = F.batch_norm(input, None, None, self.weight, self.bias, True, 0.0, self.eps)
@@ -320,6 +349,37 @@ def _after_state_dict(module, state_dict, prefix, local_metadata):
     if module.num_batches_tracked is None:
         local_metadata[STEP_METADATA] = module._untracked_step
     module._step_source = None
+
+
+def _announce(layer, transport) -> None:
+    """Once per transport, on its rank 0: which transport the layers run over, and why (logged
+    at INFO; also printed when $HVD_SHUFFLEBN_LOG is 1)."""
+    key = (transport.kind, id(transport))
+    if key in _announced or transport.rank != 0:
+        return
+    _announced.add(key)
+    same = sum(1 for other in _all_layers if other.transport == layer.transport
+               and other.process_set is layer.process_set
+               and other.process_group is layer.process_group)
+    line = (f"hvd_shufflebn: {same} ShuffleBatchNorm layer(s) with transport={layer.transport!r} "
+            f"run over {transport.kind!r} ({transport.reason}), {transport.size} rank(s)")
+    logger.info(line)
+    if os.environ.get(LOG_ENV) == "1":
+        print(line, file=sys.stderr, flush=True)
+
+
+def _user_stacklevel() -> int:
+    """The stacklevel of the first frame outside this package and torch: a warning then points
+    at the user's line (torch.compiler.disable and Module.__call__ add frames of their own)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None:
+        path = os.path.abspath(frame.f_code.co_filename)
+        if not path.startswith((here, torch_dir)):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 1
 
 
 def _in_dtype(tensor, dtype):

@@ -4,8 +4,9 @@
 
 1. groups on one process: ShuffleBatchNorm(groups_per_rank=k) on CUDA tensors (float32,
    float16 under autocast, channels_last) against the float64 reference computed on the CPU;
-2. the torch.distributed transport with CUDA tensors on 2 processes: NCCL when there are 2 GPUs
-   or more, Gloo (rows staged through the host) otherwise.
+2. the torch.distributed transport with CUDA tensors on 2 processes: the default multi-backend
+   group ("cpu:gloo,cuda:nccl": rows stay on each input's GPU) when there are 2 GPUs or more,
+   Gloo (rows staged through the host) otherwise.
 
 It prints one line per check (PASS, FAIL or SKIP with the reason) and exits non-zero on a FAIL.
 """
@@ -69,6 +70,7 @@ def distributed_worker(rank, size, backend, path):
     dy = torch.randn_like(x)
     layer(x).backward(dy)
     y = layer(x)  # step 2: the output of a fresh forward, checked below
+    where = layer._transport.rows_device(device)
     y.backward(dy)
     everyone = [None] * size
     dist.all_gather_object(everyone, (x.detach().cpu(), dy.cpu(), y.detach().cpu(),
@@ -78,10 +80,14 @@ def distributed_worker(rank, size, backend, path):
                                    [e[3] for e in everyone], [e[4] for e in everyone],
                                    layer.last_permutation, layer.eps, 2)
     error = max(float((e[2].double() - ys[r]).abs().max()) for r, e in enumerate(everyone))
+    # Under NCCL (alone or in the default "cpu:gloo,cuda:nccl" group) the rows stay on the input's
+    # own GPU; under Gloo they go through the host.
+    right_device = where == (device if "nccl" in backend else torch.device("cpu"))
     if rank == 0:
         report(f"torch.distributed transport, {backend}, CUDA tensors, {size} processes",
-               error < 1e-3, f"max output error {error:.1e}")
-        if error >= 1e-3:
+               error < 1e-3 and right_device,
+               f"max output error {error:.1e}, rows on {where}")
+        if error >= 1e-3 or not right_device:
             sys.exit(1)
 
 
@@ -92,7 +98,8 @@ def main():
     print(f"device: {torch.cuda.get_device_name(0)}, {torch.cuda.device_count()} GPU(s), "
           f"torch {torch.__version__}", flush=True)
     ok = check_groups_one_process(torch.device("cuda"))
-    backend = "nccl" if torch.cuda.device_count() >= 2 else "gloo"
+    # The default group of torch.distributed on a GPU machine: Gloo for CPU, NCCL for CUDA.
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.device_count() >= 2 else "gloo"
     if backend == "gloo":
         print("note: one GPU, so NCCL (one device per process) cannot run here; Gloo instead")
     with tempfile.TemporaryDirectory() as tmp:

@@ -254,3 +254,29 @@ except ShuffleBatchNormError as error:
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode == 0 and "PASS without horovod" in done.stdout, done.stderr
+
+
+def test_what_auto_chose_is_visible(caplog, monkeypatch):
+    import logging
+    from hvd_shufflebn import batchnorm
+    monkeypatch.setattr(batchnorm, "_announced", set())
+    layers = [ShuffleBatchNorm(3, groups_per_rank=2, name=f"visible{i}") for i in range(2)]
+    assert layers[0].resolved_transport is None and "resolved" not in repr(layers[0])
+    with caplog.at_level(logging.INFO, logger="hvd_shufflebn"):
+        for layer in layers:
+            layer(torch.randn(4, 3))
+    assert layers[0].resolved_transport == "local"
+    assert "one process" in layers[0].transport_reason
+    assert "transport='auto' (resolved: 'local')" in repr(layers[0])
+    lines = [r.getMessage() for r in caplog.records if "run over 'local'" in r.getMessage()]
+    assert len(lines) == 1, lines  # once per transport and process, at the first forward
+    assert "layer(s) with transport='auto'" in lines[0] and "one process" in lines[0]
+
+
+def test_the_one_group_warning_points_at_the_callers_line(monkeypatch):
+    from hvd_shufflebn import batchnorm
+    monkeypatch.setattr(batchnorm, "_warned_single_rank", set())
+    layer = ShuffleBatchNorm(3, transport="local")
+    with pytest.warns(UserWarning, match="single rank") as caught:
+        layer(torch.randn(4, 3))
+    assert caught[0].filename == __file__, caught[0].filename

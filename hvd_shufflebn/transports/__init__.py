@@ -41,15 +41,22 @@ def _import_horovod(layer):
 
 def resolve_kind(kind: str, layer: str) -> str:
     """What "auto" means here and now."""
+    return resolve_with_reason(kind, layer)[0]
+
+
+def resolve_with_reason(kind: str, layer: str):
+    """What "auto" means here and now, and why, in words."""
     if kind != "auto":
-        return kind
+        return kind, "asked for"
     hvd = _horovod()
     if hvd is not None:
         from . import mpi
-        return "mpi" if mpi.usable() else "horovod"
+        if mpi.usable():
+            return "mpi", "auto: Horovod runs on MPI (MPI_THREAD_MULTIPLE), mpi4py beside it"
+        return "horovod", "auto: Horovod is initialised, not on an MPI that mpi4py can share"
     import torch.distributed as dist
     if dist.is_available() and dist.is_initialized():
-        return "torch.distributed"
+        return "torch.distributed", "auto: torch.distributed is initialised, Horovod is not"
     launched = {name: os.environ[name] for name in _LAUNCHER_SIZES
                 if os.environ.get(name, "1").isdigit() and int(os.environ.get(name, "1")) > 1}
     if launched:
@@ -59,12 +66,13 @@ def resolve_kind(kind: str, layer: str) -> str:
             "torch.distributed is initialised: call hvd.init() or "
             "torch.distributed.init_process_group() before the first training forward (or pass "
             "transport='local' to shuffle within each process)")
-    return "local"
+    return "local", "auto: neither Horovod nor torch.distributed is initialised: one process"
 
 
 def make_transport(kind: str, layer: str, process_set=None, process_group=None):
-    """The transport for ``kind`` (one of TRANSPORTS) and the layer's group."""
-    kind = resolve_kind(kind, layer)
+    """The transport for ``kind`` (one of TRANSPORTS) and the layer's group; its ``kind`` and
+    ``reason`` say what it is and why it was chosen."""
+    kind, reason = resolve_with_reason(kind, layer)
     if kind in ("horovod", "mpi"):
         hvd = _import_horovod(layer)
         from . import horovod
@@ -82,8 +90,12 @@ def make_transport(kind: str, layer: str, process_set=None, process_group=None):
     else:
         key = ("local",)
     if key not in _transports:
-        _transports[key] = _create(kind, process_set, process_group)
-    return _transports[key]
+        transport = _create(kind, process_set, process_group)
+        transport.kind = kind
+        _transports[key] = transport
+    transport = _transports[key]
+    transport.reason = reason
+    return transport
 
 
 def _create(kind, process_set, process_group):

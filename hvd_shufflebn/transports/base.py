@@ -18,6 +18,8 @@ Rows = Dict[int, torch.Tensor]  # peer rank -> rows (n, L), in the order routing
 class Transport:
     rank: int
     size: int
+    kind: str = ""    # "mpi", "horovod", "torch.distributed" or "local"
+    reason: str = ""  # why "auto" chose it (or "asked for")
     stall_board = None  # where waiting ranks tell each other where they wait (waits.py)
     broken: Optional[str] = None  # set when a wait timed out: late messages would be mismatched
 
