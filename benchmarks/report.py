@@ -25,6 +25,7 @@ STEP_GOALS = [("resnet18", "train", "ResNet-18 training step", 1.05),
 # One layer, one process, groups_per_rank=2, local transport, input 8x16x2x2 (host_cost.py):
 # (measure, aten ops at most, host time at most this many times BatchNorm2d's).
 HOST_GOALS = {"train": (24, 3.0), "no_grad": (12, 4.0)}
+HOST_COST = "host-cost-"  # host_cost.py's runs: a section of their own
 BASELINES = ("syncbn", "original", "sample-shuffle")
 SUM, GATHER = ("hvd.allreduce", "mpi.Allreduce"), ("hvd.allgather",)  # the rest: point-to-point
 WORLDS = (2, 4, 8, 64, 512)
@@ -90,7 +91,8 @@ def mains(runs):
     count: e.g. micro-2 and macro-2 make one entry for 2 ranks."""
     merged = {}
     for label, r in sorted(runs.items()):
-        if label.startswith(("sweep-", "host-cost-")) or not r["meta"].get("horovod_initialised", True):
+        if label.startswith(("sweep-", HOST_COST)) or not r["meta"].get("horovod_initialised",
+                                                                          True):
             continue
         entry = merged.setdefault(r["meta"]["ranks"], {})
         entry.update({k: v for k, v in r.items() if k in ("micro", "macro", "bytes")})
@@ -234,7 +236,7 @@ def host_cost_section(runs):
            "ranks: each transport with `groups_per_rank=1`.\n"]
     rows, goals = [], []
     for label, r in sorted(runs.items()):
-        if not label.startswith("host-cost-"):
+        if not label.startswith(HOST_COST):
             continue
         meta, secs = r["meta"], r["seconds"]
         for key, samples in secs.items():
@@ -581,7 +583,8 @@ def main():
              goals_section(micro_goals, macro_goals, bytes_goals, memory_goals, host_goals),
              notes.read_text() if notes.exists() else "",
              network_text(Path(args.results), out),
-             machine_section(runs, manifest), host_text, micro_text, memory_text, macro_text, bytes_text,
+             machine_section({k: v for k, v in runs.items() if not k.startswith(HOST_COST)},
+                             manifest), host_text, micro_text, memory_text, macro_text, bytes_text,
              sweep_text]
     (out / "RESULTS.md").write_text("\n".join(p for p in parts if p))
     print(f"wrote {out / 'RESULTS.md'}" + (f" and {out / 'results.png'}" if has_chart else ""))

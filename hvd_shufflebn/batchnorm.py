@@ -139,8 +139,9 @@ class ShuffleBatchNorm(_BatchNorm):
         if counter is None:
             return self._untracked_step
         if counter is not self._step_source or counter._version != self._step_version:
-            self._step_source, self._step_version = counter, counter._version
-            self._step_cache = int(counter)
+            # Plain attributes set through __dict__: Module.__setattr__ costs microseconds.
+            self.__dict__.update(_step_source=counter, _step_version=counter._version,
+                                 _step_cache=int(counter))
         return self._step_cache
 
     def _advance_step(self) -> None:
@@ -150,7 +151,7 @@ class ShuffleBatchNorm(_BatchNorm):
             return
         step = self._host_step()
         counter.add_(1)
-        self._step_cache, self._step_version = step + 1, counter._version
+        self.__dict__.update(_step_cache=step + 1, _step_version=counter._version)
 
     def _check_input_dim(self, input):  # for the local paths (eval, plain batch norm)
         error = shape_error(input, self.num_features)
@@ -235,8 +236,7 @@ class ShuffleBatchNorm(_BatchNorm):
             self._records.add(call, recompute.Record(step, plan, sizes, counts, means, variances,
                                                      result.means, result.variances))
         self._advance_step()
-        self.last_permutation = plan.perm
-        self._input_dim = input.dim()
+        self.__dict__.update(last_permutation=plan.perm, _input_dim=input.dim())
         return output
 
     def _statistics(self, input, acc, error):

@@ -65,7 +65,7 @@ def values_per_sample(input: torch.Tensor) -> int:
 
 def split_groups(tensor: torch.Tensor, sizes: Sequence[int]):
     """The groups of a batch, as views along dim 0."""
-    return (tensor,) if len(sizes) == 1 else tensor.split(list(sizes))
+    return (tensor,) if len(sizes) == 1 else tensor.split_with_sizes(list(sizes))
 
 
 def group_statistics(chunks, acc: torch.dtype):

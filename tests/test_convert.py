@@ -147,3 +147,17 @@ def test_syncbatchnorm_keeps_its_process_group():
     given = convert_shuffle_batchnorm(nn.SyncBatchNorm(3, process_group=group),
                                       process_group=mine)
     assert given.process_group is mine
+
+
+def test_names_do_not_depend_on_what_else_was_built():
+    """Collective names come from module paths: a rank that builds an extra converted model (an
+    EMA teacher, a probe on rank 0 only) before the real one names it the same as the others."""
+    def model():
+        return nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4),
+                             nn.Sequential(nn.BatchNorm2d(4)))
+    names = [m.name for m in convert_shuffle_batchnorm(model()).modules()
+             if isinstance(m, ShuffleBatchNorm)]
+    convert_shuffle_batchnorm(model())  # the extra model on this rank only
+    again = [m.name for m in convert_shuffle_batchnorm(model()).modules()
+             if isinstance(m, ShuffleBatchNorm)]
+    assert again == names == ["shufflebn.1", "shufflebn.2.0"]
