@@ -60,6 +60,8 @@ def _seeded(seed: int, step: int, size: int, derangement: bool) -> Tuple[int, ..
     # One generator per (seed, step): the same on every rank (Python's Mersenne Twister seeded by
     # an int is platform independent), independent of anything else the program draws, and
     # pure host work: no tensor op.
+    if size == 2 and derangement:
+        return (1, 0)  # the only one
     gen = random.Random((seed * 1_000_003 + step) % (2 ** 63))
     perm = list(range(size))
     while True:  # rejection sampling: a random permutation is a derangement with probability ~1/e

@@ -30,6 +30,11 @@ def plan_for(spec, seed: int, step: int, n_groups: int, rank: int, k: int) -> St
         perm, error = perms.permutation_for(spec, seed, step, n_groups), None
     except ValueError as exc:
         perm, error = tuple(range(n_groups)), f"invalid permutation: {exc}"
+    return _plan(perm, error, rank, k)
+
+
+@functools.lru_cache(maxsize=64)  # a few permutations recur (with 2 groups, always the same)
+def _plan(perm: Tuple[int, ...], error: Optional[str], rank: int, k: int) -> StepPlan:
     r = route(perm, rank, k)
     lenders, borrowers = [None] * k, [None] * k
     for borrower, lender in r.local:
