@@ -255,9 +255,11 @@ def host_cost_section(runs):
                               verdict(ops <= max_ops)])
                 goals.append([f"one process, {title}: host time <= {max_ratio:g}x BatchNorm2d",
                               f"{median(ratio):.2f}x", verdict(median(ratio) <= max_ratio)])
-        out.append(f"{meta['machine']}, torch {meta['torch']}, {meta['threads']} thread, input "
-                   f"{tuple(meta['shape'])} per rank, {meta['rounds']} rounds of "
-                   f"{meta['calls']} calls.\n")
+        line = (f"{meta['machine']}, torch {meta['torch']}, {meta['threads']} thread, input "
+                f"{tuple(meta['shape'])} per rank, {meta['rounds']} rounds of {meta['calls']} "
+                "calls. At 2 ranks a call's time includes its exchanges' waits for the other rank.\n")
+        if line not in out:
+            out.append(line)
     if not rows:
         return "", []
     out.insert(1, table(["ranks", "variant", "call", "host time", "BatchNorm2d", "ratio",
