@@ -1,6 +1,8 @@
 """ShuffleBatchNorm, a drop-in torch.nn.BatchNorm*d, and the helpers that swap it in and out."""
+import copy
 import itertools
 import logging
+import threading
 import os
 import sys
 import warnings
@@ -30,6 +32,7 @@ _layer_ids = itertools.count()  # layers built without a name
 _warned_single_rank = set()
 _all_layers = weakref.WeakSet()  # for the one line that says which transport runs
 _announced = set()
+_copying = threading.local()  # set while __deepcopy__ runs: keep group handles as they are
 LOG_ENV = "HVD_SHUFFLEBN_LOG"  # "1": print that line to stderr too, not only log it at INFO
 logger = logging.getLogger("hvd_shufflebn")
 STEP_METADATA = "shufflebn_step"  # the step of a layer without num_batches_tracked
@@ -288,12 +291,27 @@ class ShuffleBatchNorm(_BatchNorm):
             self._untracked_step = int(local_metadata[STEP_METADATA])
         self._records = recompute.Records()
 
+    def __deepcopy__(self, memo):
+        """A copy in the same process (MoCo's ``encoder_k = deepcopy(encoder_q)``) shares the
+        very process set and group handles: a dedicated group stays that group, even one with
+        the same ranks as another."""
+        for handle in (self.process_set, self.process_group):
+            if handle is not None:
+                memo[id(handle)] = handle
+        _copying.active = True
+        try:
+            return copy._reconstruct(self, memo, *self.__reduce_ex__(4))
+        finally:
+            _copying.active = False
+
     def __getstate__(self):
         # Process sets and groups are handles on a library's state, not part of the layer's:
-        # keep which one it is (pickling, deepcopy), not a copy. Recompute records stay behind.
+        # pickling keeps which one it is (its ranks), not a copy; deepcopy keeps the handle.
+        # Recompute records stay behind.
         state = dict(self.__dict__)
-        state["process_set"] = _GroupRef.of_process_set(self.process_set)
-        state["process_group"] = _GroupRef.of_process_group(self.process_group)
+        if not getattr(_copying, "active", False):
+            state["process_set"] = _GroupRef.of_process_set(self.process_set)
+            state["process_group"] = _GroupRef.of_process_group(self.process_group)
         state["_records"] = recompute.Records()
         state["_transport"] = state["_step_source"] = None  # looked up again where it lands
         return state

@@ -280,3 +280,27 @@ def test_the_one_group_warning_points_at_the_callers_line(monkeypatch):
     with pytest.warns(UserWarning, match="single rank") as caught:
         layer(torch.randn(4, 3))
     assert caught[0].filename == __file__, caught[0].filename
+
+
+def test_deepcopy_keeps_a_dedicated_process_group():
+    """MoCo's encoder_k = deepcopy(encoder_q): a group with the same ranks as the world stays the
+    group it was, not whichever group has those ranks; pickling still goes by ranks."""
+    code = """
+import copy, os, pickle, sys, tempfile
+import torch, torch.distributed as dist
+from hvd_shufflebn import ShuffleBatchNorm
+dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
+dedicated = dist.new_group([0])
+assert dedicated is not dist.group.WORLD
+layer = ShuffleBatchNorm(3, process_group=dedicated)
+twin = copy.deepcopy(torch.nn.Sequential(layer))[0]
+assert twin.process_group is dedicated, twin.process_group
+assert pickle.loads(pickle.dumps(layer)).process_group is not None
+print("PASS deepcopy keeps the group", flush=True)
+os._exit(0)  # no destroy_process_group: it can abort a Gloo worker at exit
+"""
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and "PASS deepcopy" in done.stdout, done.stdout + done.stderr
