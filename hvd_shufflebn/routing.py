@@ -14,7 +14,6 @@ from typing import Dict, List, NamedTuple, Tuple
 class Route(NamedTuple):
     """What rank ``rank`` does with permutation ``perm`` (over ``size * k`` groups)."""
     perm: Tuple[int, ...]         # the whole permutation, the same on every rank
-    lender: Tuple[int, ...]       # for my group j: the global index of the group it borrows from
     local: Tuple[Tuple[int, int], ...]  # (my borrowing group j, my lending group i) pairs
     sends: Dict[int, List[int]]   # forward: rank -> my lending groups whose rows go there, in order
     receives: Dict[int, List[int]]  # forward: rank -> my borrowing groups whose rows come from it
@@ -36,8 +35,7 @@ def route(perm: Tuple[int, ...], rank: int, k: int) -> Route:
             sends.setdefault(t_rank, []).append(lender % k)
         elif t_rank == rank:
             receives.setdefault(l_rank, []).append(t % k)
-    return Route(tuple(perm), tuple(perm[g] for g in range(rank * k, rank * k + k)),
-                 tuple(local), sends, receives, crosses)
+    return Route(tuple(perm), tuple(local), sends, receives, crosses)
 
 
 def group_sizes(batch: int, k: int) -> List[int]:
