@@ -11,7 +11,7 @@ setup:
 
 test: setup
 	bash scripts/setup_multihost.sh
-	$(PYTHON) -m pytest -ra
+	$(PYTHON) -m pytest -ra --durations=15
 
 # 8 ranks on a machine with fewer cores: ranks waiting in MPI must yield their core
 # (Open MPI only does so by itself when it knows it is oversubscribed; horovodrun hides that).

@@ -221,7 +221,12 @@ def test_job_survives_a_worker_that_exits_with_an_error(tmp_path, where, mode, u
         errors = [r for r in rs if r["event"] == "horovod_internal_error"]
         assert len(errors) == 1 and errors[0]["step"] == 4, errors
         frames = errors[0]["frames"]
-        assert layer in frames and "transports/horovod.py:_wait" in frames, frames
+        in_layer = layer in frames and "transports/horovod.py:_wait" in frames
+        # On a loaded machine the failing rank's shutdown can reach a survivor between two
+        # layers' backward exchanges, as it submits the previous layer's gradients: then the
+        # same error of the same step comes out of DistributedOptimizer's hook instead.
+        in_gradient_hook = where == "backward" and "torch/optimizer.py:hook" in frames
+        assert in_layer or in_gradient_hook, frames
         retrain = next(r for r in rs if r["event"] == "train" and r["time"] > errors[0]["time"])
         assert (retrain["step"], retrain["size"], retrain["bn_steps"]) == (4, 2, [4] * 3), retrain
 

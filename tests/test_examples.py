@@ -158,10 +158,10 @@ def assert_recipe_passed(done, launcher, ranks):
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("launcher", ["torchrun", "horovodrun-gloo", "mpirun"])
+@pytest.mark.parametrize("launcher", ["torchrun", "horovodrun-gloo"])
 def test_moco_recipe_under_launcher(launcher):
-    """The recipe's script, unchanged, under DDP, Horovod's Gloo (horovod transport) and mpirun
-    (mpi transport); --launcher auto finds which from the environment."""
+    """The recipe's script, unchanged, under DDP and Horovod (Gloo: the horovod transport; the
+    mpi transport's path is the demo's); --launcher auto finds which from the environment."""
     done = run(launcher, 2, RECIPE, "--steps", "4", timeout=60)
     assert_recipe_passed(done, "torch" if launcher == "torchrun" else "horovod", 2)
 
@@ -172,19 +172,3 @@ def test_moco_recipe_one_process():
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60)
     print(done.stdout)
     assert_recipe_passed(done, "none", 1)
-
-
-@pytest.mark.mpi
-def test_moco_recipe_check_catches_an_unconverted_key_encoder(tmp_path):
-    """The script's check is not vacuous: the same script with the key encoder left as a plain
-    deepcopy (the conversion skipped) fails on every rank, and says why."""
-    source = RECIPE.read_text()
-    assert source.count(RECIPE_CONVERSION) == 1
-    broken = tmp_path / "moco_recipe_unconverted.py"
-    broken.write_text(source.replace(RECIPE_CONVERSION, "copy.deepcopy(encoder_q)"))
-    done = run("torchrun", 2, broken, "--steps", "4", timeout=60,
-               PYTHONPATH=str(ROOT / "examples"))  # the copy imports common.py from there
-    assert done.returncode != 0 and "PASS recipe" not in done.stdout
-    for rank in range(2):
-        assert f"FAIL recipe torch rank {rank};" in done.stdout, rank
-    assert "the key encoder's running statistics differ between ranks" in done.stdout
