@@ -1,4 +1,4 @@
-"""The CUDA checks, for any machine with a GPU (no Horovod needed):
+"""The CUDA checks, for any machine with a GPU (Horovod only for the third):
 
     python scripts/cuda_check.py
 
@@ -6,7 +6,11 @@
    float16 under autocast, channels_last) against the float64 reference computed on the CPU;
 2. the torch.distributed transport with CUDA tensors on 2 processes: the default multi-backend
    group ("cpu:gloo,cuda:nccl": rows stay on each input's GPU) when there are 2 GPUs or more,
-   Gloo (rows staged through the host) otherwise.
+   Gloo (rows staged through the host) otherwise;
+3. (3 GPUs or more, Horovod built with NCCL) the Horovod transport with CUDA tensors on 3 ranks
+   under a permutation where rank 0 lends to itself and sends no rows while ranks 1 and 2 swap:
+   every rank must submit its all-to-all on its GPU, the empty one included (Horovod refuses
+   "Mismatched ALLTOALL CPU/GPU device selection" otherwise).
 
 It prints one line per check (PASS, FAIL or SKIP with the reason) and exits non-zero on a FAIL.
 """
@@ -91,7 +95,41 @@ def distributed_worker(rank, size, backend, path):
             sys.exit(1)
 
 
+def horovod_worker():
+    """Run by horovodrun -np 3: rank 0 keeps its own statistics, ranks 1 and 2 swap."""
+    import horovod.torch as hvd
+    hvd.init()
+    device = torch.device("cuda", hvd.local_rank())
+    torch.cuda.set_device(device)
+    layer = ShuffleBatchNorm(8, permutation=[0, 2, 1], transport="horovod").to(device)
+    torch.manual_seed(hvd.rank())
+    x = torch.randn(6, 8, 4, 4, device=device, requires_grad=True)
+    layer(x).backward(torch.randn_like(x))  # raised before the fix, forward and backward
+    if hvd.rank() == 0:
+        report("Horovod transport (NCCL), CUDA tensors, a rank with no rows to send", True)
+
+
+def check_horovod_nccl():
+    try:
+        import horovod.torch as hvd
+    except ImportError:
+        print("SKIP Horovod transport with CUDA tensors: Horovod is not installed")
+        return True
+    if not hvd.nccl_built() or torch.cuda.device_count() < 3:
+        print("SKIP Horovod transport with CUDA tensors: needs Horovod built with NCCL and 3 GPUs")
+        return True
+    import subprocess
+    horovodrun = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+    done = subprocess.run([horovodrun, "-np", "3", sys.executable, os.path.abspath(__file__),
+                           "--horovod-worker"], timeout=300)
+    return done.returncode == 0 or report("Horovod transport (NCCL), CUDA tensors", False,
+                                           f"exit {done.returncode}")
+
+
 def main():
+    if "--horovod-worker" in sys.argv:
+        horovod_worker()
+        return 0
     if not torch.cuda.is_available():
         print("SKIP all: no CUDA device here (torch.cuda.is_available() is False)")
         return 0
@@ -111,6 +149,7 @@ def main():
                 pass
         except Exception as error:  # noqa: BLE001
             ok = report("torch.distributed transport with CUDA tensors", False, repr(error))
+    ok &= check_horovod_nccl()
     return 0 if ok else 1
 
 
