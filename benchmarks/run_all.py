@@ -54,8 +54,9 @@ RUNS = ([("host-cost-1", 1, [], {}, 300), ("host-cost-2", 2, [], {}, 300),
         # The sweep again in reverse order: load drifts between launches, a second pass in the
         # other order shows whether a setting's ratio is its own or the machine's at that time.
         + [(f"sweep-{label}-r2", 2, SWEEP_ARGS, env, 600) for label, env in reversed(SWEEP)])
-SMOKE_RUNS = [("smoke-2", 2, ["--smoke"], {}, 90), ("host-cost-1", 1, ["--smoke"], {}, 90),
-              ("host-cost-2", 2, ["--smoke"], {}, 90)]
+# host_cost.py at one rank only: its several-rank path is bench.py's launch with the same
+# transports, and every launch costs the tests seconds of start-up.
+SMOKE_RUNS = [("smoke-2", 2, ["--smoke"], {}, 90), ("host-cost-1", 1, ["--smoke"], {}, 90)]
 # The shaped two-host network (network.py): not an mpirun of bench.py, a driver of its own.
 NETWORK = "network"
 
