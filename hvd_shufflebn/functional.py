@@ -155,9 +155,13 @@ class ShuffleBatchNormFunction(torch.autograd.Function):
             own_mean, own_var = torch.stack(b.own_means), torch.stack(b.own_vars)
             counts = b.counts
             invstd = own_var.add_(b.eps).rsqrt_()
-            scale = -1.0 / counts[0] if len(set(counts)) == 1 else _per_group(counts, invstd)
             # u = -w s / M; then b = u s (w B s) and c = u (w A) - m b, per group and channel.
-            u = invstd * scale if weighted or weight is None else invstd.mul(weight).mul_(scale)
+            if len(set(counts)) == 1:
+                u = invstd * (-1.0 / counts[0])
+            else:  # uneven groups: each row its own count (host numbers, no tensor from them)
+                u = torch.stack([row * (-1.0 / m) for row, m in zip(invstd, counts)])
+            if not weighted and weight is not None:
+                u.mul_(weight)
             coef_b = (u * invstd).mul_(grad_bs)
             coef_c = grad_a.mul_(u).addcmul_(own_mean, coef_b, value=-1)
             grad_input = direct[0] if len(direct) == 1 else torch.cat(direct)
@@ -168,11 +172,6 @@ class ShuffleBatchNormFunction(torch.autograd.Function):
 
 def _sum(tensors: List[torch.Tensor]) -> torch.Tensor:
     return functools.reduce(operator.add, tensors)
-
-
-def _per_group(counts, like: torch.Tensor) -> torch.Tensor:
-    """-1 / M_j as a (k, 1) column (uneven groups)."""
-    return torch.tensor([[-1.0 / c] for c in counts], dtype=like.dtype, device=like.device)
 
 
 def _add_affine(grad_input, input, coef_b, coef_c, sizes) -> None:

@@ -32,6 +32,10 @@ _HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu, torch.T
                torch.Tensor.__index__, torch.Tensor.nonzero, torch.tensor}
 
 
+# The same at the dispatch level: a scalar read, a tensor made from host data.
+HOST_OPS = {"aten._local_scalar_dense.default", "aten.lift_fresh.default"}
+
+
 class CountHostReads(TorchFunctionMode):
     """On CPU, a stand-in for ``torch.cuda.set_sync_debug_mode("error")``: the calls that would
     read a device value on the host, or build a device tensor from host values."""
@@ -102,7 +106,9 @@ def test_a_steady_state_step_reads_nothing_from_the_device():
                 with torch.no_grad():  # a key encoder's forward
                     model(x)
         assert reads.calls == [], reads.calls
-        assert "aten._local_scalar_dense.default" not in ops.ops
+        # The function mode does not reach into the autograd engine: the backward's host reads
+        # and tensors built from host values show at the dispatch level.
+        assert not HOST_OPS & set(ops.ops), HOST_OPS & set(ops.ops)
 
 
 def test_the_step_is_read_again_only_after_someone_else_may_have_changed_it():
