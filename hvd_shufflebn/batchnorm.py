@@ -2,9 +2,9 @@
 import copy
 import itertools
 import logging
-import threading
 import os
 import sys
+import threading
 import warnings
 import weakref
 from typing import Optional
@@ -147,12 +147,12 @@ class ShuffleBatchNorm(_BatchNorm):
                                  _step_cache=int(counter))
         return self._step_cache
 
-    def _advance_step(self) -> None:
+    def _advance_step(self, step: int) -> None:
+        """One training forward at ``step`` done: the counter on the device and its host copy."""
         counter = self.num_batches_tracked
         if counter is None:
             self._untracked_step += 1
             return
-        step = self._host_step()
         counter.add_(1)
         self.__dict__.update(_step_cache=step + 1, _step_version=counter._version)
 
@@ -238,7 +238,7 @@ class ShuffleBatchNorm(_BatchNorm):
         if call is not None:  # a checkpointed block: its recomputation will replay this forward
             self._records.add(call, recompute.Record(step, plan, sizes, counts, means, variances,
                                                      result.means, result.variances))
-        self._advance_step()
+        self._advance_step(step)
         self.__dict__.update(last_permutation=plan.perm, _input_dim=input.dim())
         return output
 

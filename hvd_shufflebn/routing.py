@@ -7,7 +7,6 @@ one on another rank costs a row of statistics in the forward exchange, and a row
 back in the backward one. Rows between two ranks travel in the order of the borrowing group's
 index, which both sides know, so no row needs a label.
 """
-import functools
 from typing import Dict, List, NamedTuple, Tuple
 
 
@@ -20,7 +19,6 @@ class Route(NamedTuple):
     crosses: bool                 # whether any group of ANY rank borrows from another rank
 
 
-@functools.lru_cache(maxsize=64)  # every layer of a network takes the same route each step
 def route(perm: Tuple[int, ...], rank: int, k: int) -> Route:
     """The route of ``rank``. The backward exchange takes it in reverse: gradient rows go from the
     borrowing groups (``receives``) back to the lending ones (``sends``)."""

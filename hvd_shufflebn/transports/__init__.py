@@ -39,23 +39,28 @@ def _import_horovod(layer):
     return hvd
 
 
-def resolve_kind(kind: str, layer: str) -> str:
-    """What "auto" means here and now."""
-    return resolve_with_reason(kind, layer)[0]
+def initialised_library():
+    """"horovod" or "torch.distributed", whichever the program initialised (Horovod first), or
+    None."""
+    if _horovod() is not None:
+        return "horovod"
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return "torch.distributed"
+    return None
 
 
 def resolve_with_reason(kind: str, layer: str):
     """What "auto" means here and now, and why, in words."""
     if kind != "auto":
         return kind, "asked for"
-    hvd = _horovod()
-    if hvd is not None:
+    initialised = initialised_library()
+    if initialised == "horovod":
         from . import mpi
         if mpi.usable():
             return "mpi", "auto: Horovod runs on MPI (MPI_THREAD_MULTIPLE), mpi4py beside it"
         return "horovod", "auto: Horovod is initialised, not on an MPI that mpi4py can share"
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized():
+    if initialised == "torch.distributed":
         return "torch.distributed", "auto: torch.distributed is initialised, Horovod is not"
     launched = {name: os.environ[name] for name in _LAUNCHER_SIZES
                 if os.environ.get(name, "1").isdigit() and int(os.environ.get(name, "1")) > 1}

@@ -33,11 +33,11 @@ class HorovodTransport(Transport):
         self._cpu_only = not hvd.nccl_built()
         self.stall_board = _stall_board(process_set, self.rank, self.size)
 
-    def _stage(self, tensor):
-        return tensor.cpu() if self._cpu_only else tensor
-
     def rows_device(self, device):
         return torch.device("cpu") if self._cpu_only else device
+
+    def _stage(self, tensor):
+        return tensor.to(self.rows_device(tensor.device))
 
     def current(self, requested):
         return (hvd.is_initialized() and self.process_set.size() == self.size
