@@ -21,7 +21,8 @@ from .exchange import RouteBack, borrow_across_ranks, borrow_locally, make_repor
 from .functional import (Borrowed, ShuffleBatchNormFunction, accumulation_dtype,
                          group_statistics, input_error, normalise, shape_error, split_groups,
                          values_per_sample)
-from .plan import fingerprint, layer_key, plan_for
+from .plan import POOLED, fingerprint, layer_key, plan_for
+from .pooled import SumBack, borrow_pooled
 from .routing import group_sizes
 from .transports import TRANSPORTS, make_transport
 from .waits import WaitContext, resolve_timeout
@@ -36,6 +37,7 @@ _copying = threading.local()  # set while __deepcopy__ runs: keep group handles 
 LOG_ENV = "HVD_SHUFFLEBN_LOG"  # "1": print that line to stderr too, not only log it at INFO
 logger = logging.getLogger("hvd_shufflebn")
 STEP_METADATA = "shufflebn_step"  # the step of a layer without num_batches_tracked
+BORROW_FROM = ("permutation", "others")
 
 
 class ShuffleBatchNorm(_BatchNorm):
@@ -43,7 +45,8 @@ class ShuffleBatchNorm(_BatchNorm):
     another group of samples).
 
     In training mode, rank ``r`` normalises its own batch with the mean and biased variance of
-    rank ``p[r]``'s batch, then applies its own affine weight and bias (MoCo's "Shuffling BN").
+    rank ``p[r]``'s batch, then applies its own affine weight and bias (MoCo's "Shuffling BN");
+    with ``borrow_from="others"``, with those of all the other ranks' batches pooled.
     With ``groups_per_rank=k`` each rank's batch is split into ``k`` contiguous groups and ``p``
     runs over all ``size * k`` groups; with ``k >= 2`` this works in a single process too.
     Gradients flow exactly, including back through the borrowed statistics to the group they came
@@ -55,6 +58,9 @@ class ShuffleBatchNorm(_BatchNorm):
         permutation: ``"derangement"`` (a fresh permutation without fixed points every step),
             ``"random"``, ``"shift"`` (group g borrows from group (g + 1) % n), a fixed
             sequence ``p``, or a callable ``(step, n) -> p``; n is the number of groups.
+        borrow_from: ``"permutation"`` (group g normalises with the statistics of the one
+            group ``p[g]``) or ``"others"`` (with the pooled statistics of all groups but g:
+            leak-free like shuffling, as steady as the global batch; ``permutation`` unused).
         groups_per_rank: how many contiguous groups each rank's batch is split into.
         process_set: the Horovod process set whose ranks exchange statistics (default: all).
         process_group: the torch.distributed process group (default: the world).
@@ -77,13 +83,17 @@ class ShuffleBatchNorm(_BatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, *,
-                 permutation: perms.PermutationSpec = "derangement", groups_per_rank: int = 1,
+                 permutation: perms.PermutationSpec = "derangement",
+                 borrow_from: str = "permutation", groups_per_rank: int = 1,
                  process_set=None, process_group=None, seed: int = 0, transport: str = "auto",
                  name: Optional[str] = None, timeout: Optional[float] = None, device=None,
                  dtype=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          device=device, dtype=dtype)
         self.permutation = permutation
+        if borrow_from not in BORROW_FROM:
+            raise ValueError(f"borrow_from must be one of {BORROW_FROM}, got {borrow_from!r}")
+        self.borrow_from = borrow_from
         if isinstance(groups_per_rank, bool) or not isinstance(groups_per_rank, int) \
                 or groups_per_rank < 1:
             raise ValueError(f"groups_per_rank must be an int >= 1, got {groups_per_rank!r}")
@@ -166,7 +176,9 @@ class ShuffleBatchNorm(_BatchNorm):
         resolved = ""
         if self.transport == "auto" and self.resolved_transport is not None:
             resolved = f" (resolved: {self.resolved_transport!r})"
-        return (f"{super().extra_repr()}, permutation={self.permutation!r}{groups}, "
+        borrow = (f"borrow_from={self.borrow_from!r}" if self.borrow_from == "others"
+                  else f"permutation={self.permutation!r}")
+        return (f"{super().extra_repr()}, {borrow}{groups}, "
                 f"transport={self.transport!r}{resolved}, name={self.name!r}")
 
     @property
@@ -205,7 +217,9 @@ class ShuffleBatchNorm(_BatchNorm):
             return self._replay(input, transport)
 
         step = self._host_step()
-        plan = plan_for(self.permutation, self.seed, step, transport.size * k, transport.rank, k)
+        pooled = self.borrow_from == "others"
+        plan = POOLED if pooled else plan_for(self.permutation, self.seed, step,
+                                              transport.size * k, transport.rank, k)
         error = plan.error or input_error(input, self.num_features, k)
         if error is not None and transport.size == 1:
             raise ShuffleBatchNormError(f"ShuffleBatchNorm {self.name!r}: {error}")
@@ -213,34 +227,46 @@ class ShuffleBatchNorm(_BatchNorm):
         acc = accumulation_dtype(input.dtype) if input.is_floating_point() else torch.float32
         with torch.no_grad():  # constants to autograd: the Function knows their gradient
             sizes, counts, chunks, means, variances = self._statistics(input, acc, error)
-            if transport.size == 1:
-                result = borrow_locally(plan, means, variances)
-            else:
+            header = report = context = pool_counts = None
+            if transport.size > 1:
                 context = WaitContext(self.name, step, "forward", self.timeout)
                 transport.agree_before_first_exchange(self.name, self.num_features, context)
                 header = agreement.header(error is not None, fingerprint(self.key, plan),
                                           needs_grad)
-                result = borrow_across_ranks(
-                    transport, self, plan, means, variances, counts, header,
-                    lambda: make_report(self, error, plan, needs_grad), context)
+                report = lambda: make_report(self, error, plan, needs_grad)  # noqa: E731
+            if pooled:
+                result, pool_counts = borrow_pooled(transport, self, means, variances, counts,
+                                                    header, report, context)
+            elif transport.size == 1:
+                result = borrow_locally(plan, means, variances)
+            else:
+                result = borrow_across_ranks(transport, self, plan, means, variances, counts,
+                                             header, report, context)
             if self.track_running_stats:
                 self._update_running_stats(input, result, step)
         weight, bias = _in_dtype(self.weight, acc), _in_dtype(self.bias, acc)
         if needs_grad:
-            backward_context = WaitContext(self.name, step, "backward", self.timeout)
             borrowed = Borrowed(chunks, sizes, counts, means, variances, result.means,
                                 result.variances, self.eps,
-                                RouteBack(transport, self, plan, backward_context))
+                                self._route_back(transport, plan, step), pool_counts)
             output = ShuffleBatchNormFunction.apply(input, weight, bias, borrowed)
         else:  # MoCo's key encoder: no autograd Function, nothing kept
             output = normalise(chunks, weight, bias, result.means, result.variances, self.eps)
         call = recompute.checkpoint_call()
         if call is not None:  # a checkpointed block: its recomputation will replay this forward
             self._records.add(call, recompute.Record(step, plan, sizes, counts, means, variances,
-                                                     result.means, result.variances))
+                                                     result.means, result.variances, pool_counts))
         self._advance_step(step)
         self.__dict__.update(last_permutation=plan.perm, _input_dim=input.dim())
         return output
+
+    def _route_back(self, transport, plan, step):
+        """Where the gradient of the borrowed statistics goes in backward: back to the lending
+        groups (shuffled), or into one sum over all ranks (pooled)."""
+        context = WaitContext(self.name, step, "backward", self.timeout)
+        if plan.perm is None:
+            return SumBack(transport, self.name, context)
+        return RouteBack(transport, self, plan, context)
 
     def _statistics(self, input, acc, error):
         """Per group: sizes, values per channel, the input's views, means and variances."""
@@ -277,11 +303,11 @@ class ShuffleBatchNorm(_BatchNorm):
                 "could replay. Run training forwards outside backward hooks, or checkpoint with "
                 "torch.utils.checkpoint.")
         acc = accumulation_dtype(input.dtype)
-        context = WaitContext(self.name, record.step, "backward", self.timeout)
         borrowed = Borrowed(split_groups(input, record.sizes), record.sizes, record.counts,
                             record.own_means, record.own_vars, record.borrowed_means,
                             record.borrowed_vars, self.eps,
-                            RouteBack(transport, self, record.plan, context))
+                            self._route_back(transport, record.plan, record.step),
+                            record.pool_counts)
         return ShuffleBatchNormFunction.apply(input, _in_dtype(self.weight, acc),
                                               _in_dtype(self.bias, acc), borrowed)
 
@@ -318,6 +344,7 @@ class ShuffleBatchNorm(_BatchNorm):
 
     def __setstate__(self, state):
         state.setdefault("groups_per_rank", 1)
+        state.setdefault("borrow_from", "permutation")
         if "permutation" in state:  # pickled before the spec became a property
             state["_permutation"] = perms.check_spec(state.pop("permutation"))
         state.setdefault("process_group", None)

@@ -136,4 +136,5 @@ class RouteBack:
 
 
 def make_report(layer, error, plan, needs_grad):
-    return Report(layer.name, error, plan.perm, needs_grad, layer.num_features)
+    perm = "borrow_from='others'" if plan.perm is None else plan.perm
+    return Report(layer.name, error, perm, needs_grad, layer.num_features)

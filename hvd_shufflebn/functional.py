@@ -22,6 +22,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from . import pooled
 from .routing import group_sizes
 
 # Below this many values a single ATen call is cheapest (host time dominates); above it, on CPU,
@@ -98,14 +99,16 @@ class Borrowed:
     """What one training forward hands to its backward: the statistics each group used and
     where the gradient of the borrowed statistics goes (``route_back``, from exchange.py)."""
     __slots__ = ("chunks", "sizes", "counts", "own_means", "own_vars", "means", "variances",
-                 "eps", "route_back")
+                 "eps", "route_back", "pool_counts")
 
     def __init__(self, chunks, sizes, counts, own_means, own_vars, means, variances, eps,
-                 route_back):
+                 route_back, pool_counts=None):
         self.chunks, self.sizes, self.counts = chunks, sizes, counts
         self.own_means, self.own_vars = own_means, own_vars
         self.means, self.variances, self.eps = means, variances, eps
-        self.route_back = route_back
+        # Shuffled: exchange.RouteBack. Pooled (borrow_from="others"): pooled.SumBack, and
+        # pool_counts holds M_-t per group.
+        self.route_back, self.pool_counts = route_back, pool_counts
 
 
 class ShuffleBatchNormFunction(torch.autograd.Function):
@@ -149,25 +152,36 @@ class ShuffleBatchNormFunction(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_bias = _sum(sum_dy)
         if needs_input_grad:
-            # What my lending groups get back from their borrowers, weighted by the borrower's
-            # weight (or not, when the borrowers are all mine and share my weight).
-            grad_a, grad_bs, weighted = b.route_back(sum_dy, sum_dy_xmu_invstd, weight)
-            own_mean, own_var = torch.stack(b.own_means), torch.stack(b.own_vars)
-            counts = b.counts
-            invstd = own_var.add_(b.eps).rsqrt_()
-            # u = -w s / M; then b = u s (w B s) and c = u (w A) - m b, per group and channel.
-            if len(set(counts)) == 1:
-                u = invstd * (-1.0 / counts[0])
-            else:  # uneven groups: each row its own count (host numbers, no tensor from them)
-                u = torch.stack([row * (-1.0 / m) for row, m in zip(invstd, counts)])
-            if not weighted and weight is not None:
-                u.mul_(weight)
-            coef_b = (u * invstd).mul_(grad_bs)
-            coef_c = grad_a.mul_(u).addcmul_(own_mean, coef_b, value=-1)
+            if b.pool_counts is None:
+                coef_b, coef_c = _shuffled_correction(b, sum_dy, sum_dy_xmu_invstd, weight)
+            else:
+                coef_b, coef_c = pooled.correction(b.means, b.variances, b.pool_counts, b.eps,
+                                                   sum_dy, sum_dy_xmu_invstd, weight,
+                                                   b.route_back)
             grad_input = direct[0] if len(direct) == 1 else torch.cat(direct)
             _add_affine(grad_input, input, coef_b, coef_c, b.sizes)
             grad_input = grad_input.to(input_dtype)
         return grad_input, grad_weight, grad_bias, None
+
+
+def _shuffled_correction(b: Borrowed, sum_dy, sum_dy_xmu_invstd, weight):
+    """The correction dx += coef_b * x + coef_c of my lending groups, from what their borrowers
+    send back, as two (k, C) tensors."""
+    # What my lending groups get back from their borrowers, weighted by the borrower's weight
+    # (or not, when the borrowers are all mine and share my weight).
+    grad_a, grad_bs, weighted = b.route_back(sum_dy, sum_dy_xmu_invstd, weight)
+    own_mean, own_var = torch.stack(b.own_means), torch.stack(b.own_vars)
+    counts = b.counts
+    invstd = own_var.add_(b.eps).rsqrt_()
+    # u = -w s / M; then b = u s (w B s) and c = u (w A) - m b, per group and channel.
+    if len(set(counts)) == 1:
+        u = invstd * (-1.0 / counts[0])
+    else:  # uneven groups: each row its own count (host numbers, no tensor from them)
+        u = torch.stack([row * (-1.0 / m) for row, m in zip(invstd, counts)])
+    if not weighted and weight is not None:
+        u.mul_(weight)
+    coef_b = (u * invstd).mul_(grad_bs)
+    return coef_b, grad_a.mul_(u).addcmul_(own_mean, coef_b, value=-1)
 
 
 def _sum(tensors: List[torch.Tensor]) -> torch.Tensor:

@@ -11,9 +11,11 @@ from .routing import Route, route
 
 
 class StepPlan(NamedTuple):
-    perm: Tuple[int, ...]    # the permutation of all groups (identity when ``error``)
+    # The permutation of all groups (identity when ``error``); None when every group borrows
+    # the pooled statistics of all the others (borrow_from="others").
+    perm: Optional[Tuple[int, ...]]
     error: Optional[str]     # why the permutation is invalid on this rank, or None
-    route: Route             # what this rank sends and receives (routing.py)
+    route: Optional[Route]   # what this rank sends and receives (routing.py)
     perm_key: int            # crc32 of the permutation: part of the agreement fingerprint
     # For my group j: ("local", i) borrows my group i; ("remote", r) row r of what arrives (rows
     # are concatenated in source-rank order).
@@ -52,6 +54,10 @@ def _plan(perm: Tuple[int, ...], error: Optional[str], rank: int, k: int) -> Ste
             row += 1
     return StepPlan(perm, error, r, zlib.crc32(repr(perm).encode()), tuple(lenders),
                     tuple(borrowers))
+
+
+# Pooled: nothing moves but sums, and the plan is the same at every step.
+POOLED = StepPlan(None, None, None, zlib.crc32(b"borrow_from=others"), (), ())
 
 
 def layer_key(name: str, num_features: int) -> int:

@@ -81,6 +81,7 @@ class Record(NamedTuple):
     own_vars: list
     borrowed_means: list
     borrowed_vars: list
+    pool_counts: Optional[list] = None  # borrow_from="others": M_-t per group
 
 
 class Records:

@@ -5,13 +5,18 @@ import torch
 
 
 def reference(xs, dys, weights, biases, perm, eps):
-    """float64 autograd on all ranks' data in one process: outputs and gradients per rank."""
+    """float64 autograd on all ranks' data in one process: outputs and gradients per rank.
+    ``perm="others"``: rank r normalises with the statistics of all the other ranks' data
+    concatenated."""
     xs = [x.double().requires_grad_() for x in xs]
     ws = [None if w is None else w.double().requires_grad_() for w in weights]
     bs = [None if b is None else b.double().requires_grad_() for b in biases]
     outs = []
     for r, x in enumerate(xs):
-        source = xs[perm[r]]
+        if perm == "others":
+            source = torch.cat([x for q, x in enumerate(xs) if q != r])
+        else:
+            source = xs[perm[r]]
         dims = [0] + list(range(2, x.dim()))
         shape = (1, -1) + (1,) * (x.dim() - 2)
         mean = source.mean(dims)

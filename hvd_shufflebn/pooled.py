@@ -1,0 +1,113 @@
+"""Borrowing from all the others (``borrow_from="others"``): group t normalises with the pooled
+statistics of every group but t, on its own rank and on all the others.
+
+Notation as in functional.py; over all groups of all ranks M = sum M_q, S1 = sum M_q m_q and
+S2 = sum M_q (v_q + m_q^2), the sums the running statistics reduce anyway. Group t uses
+
+    M_-t = M - M_t,  m_-t = (S1 - M_t m_t) / M_-t,  v_-t = (S2 - M_t (v_t + m_t^2)) / M_-t - m_-t^2
+
+in float64 (the subtraction cancels). The forward needs one sum of 2C values (with the
+agreement header) and no all-to-all. In the backward every value x_i of group q is part of the
+pool of every t != q, so with, per group t and channel,
+
+    P_t = (g_m^t - 2 g_v^t m_-t) / M_-t,   Q_t = 2 g_v^t / M_-t
+    (g_m^t = -w s_-t A_t, g_v^t = -w s_-t^2 (B_t s_-t) / 2)
+
+and P, Q their sums over all groups of all ranks (one sum of 2C values):
+
+    dx_i = w s_-q dy_i + (P - P_q) + (Q - Q_q) x_i
+
+The direct term is the same kernel as in the shuffled mode; only the correction differs.
+"""
+from typing import List, Sequence, Tuple
+
+import torch
+
+from .agreement import raise_if_any_rank_failed
+from .exchange import ForwardResult
+from .waits import WaitContext
+
+
+def borrow_pooled(transport, layer, means: List[torch.Tensor], variances: List[torch.Tensor],
+                  counts: Sequence[int], report_header: List[float], make_report,
+                  context: WaitContext) -> Tuple[ForwardResult, List[float]]:
+    """The pooled statistics of all groups but each of mine, and (between ranks) the global
+    mean and unbiased variance, in the accumulation dtype on the input's device; and M_-t for
+    each of my groups. Between ranks: one sum of the header and 2C moments, checked first."""
+    device, acc = means[0].device, means[0].dtype
+    k, c = len(means), means[0].numel()
+    across = transport.size > 1
+    where = transport.rows_device(device) if across else device
+    table = torch.cat(means + variances).to(where, torch.float64).view(2, k, c)
+    mean, var = table[0], table[1]
+    # Per group: M_t m_t and M_t (v_t + m_t^2), the group's share of S1 and S2.
+    shares = torch.cat([mean, torch.addcmul(var, mean, mean)], dim=1)
+    shares = _scale_rows(shares, counts)
+    mine = shares.sum(0)
+    if across:
+        header = torch.tensor(report_header + [float(sum(counts))], dtype=torch.float64)
+        summed = transport.sum(layer.name + ".pool", torch.cat([header.to(where), mine]), context)
+        summed_header = summed[:header.numel()].tolist()  # host memory, or the one read per layer
+        raise_if_any_rank_failed(transport, layer.name, summed_header[:-1], make_report(),
+                                 context)
+        total, totals = summed_header[-1], summed[header.numel():].to(where)
+    else:
+        total, totals = float(sum(counts)), mine
+    pool_counts = [total - m for m in counts]
+    pools = _scale_rows(totals - shares, [1.0 / m for m in pool_counts])  # (k, 2C): m_-t, E_-t[x^2]
+    pool_mean, pool_var = pools[:, :c], pools[:, c:]
+    pool_var.addcmul_(pool_mean, pool_mean, value=-1).clamp_min_(0)
+    if not across:  # one process: the running statistics take the whole batch themselves
+        back = pools.to(device, acc)
+        return ForwardResult(list(back[:, :c]), list(back[:, c:])), pool_counts
+    global_mean = totals[:c] / total
+    global_var = (totals[c:] / total).addcmul_(global_mean, global_mean, value=-1)
+    global_var.clamp_min_(0).mul_(total / (total - 1))
+    # ONE copy back: k pooled rows and the global statistics.
+    back = torch.cat([pools, torch.cat([global_mean, global_var]).view(1, 2 * c)]).to(device, acc)
+    rows = back.unbind(0)
+    return ForwardResult([r[:c] for r in rows[:k]], [r[c:] for r in rows[:k]], rows[k][:c],
+                         rows[k][c:]), pool_counts
+
+
+def correction(means, variances, pool_counts, eps, sum_dy, sum_dy_xmu_invstd, weight,
+               sum_back) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The backward's correction dx += coef_b * x + coef_c, per group and channel, as two
+    (k, C) tensors: (Q - Q_q, P - P_q). ``means``/``variances``: the pooled statistics each of
+    my groups used; ``sum_back`` sums a (2C,) float64 vector over all ranks."""
+    acc = sum_dy[0].dtype
+    c = sum_dy[0].numel()
+    mean = torch.stack(means)
+    invstd = torch.stack(variances).add_(eps).rsqrt_()
+    u = _scale_rows(invstd, [-1.0 / m for m in pool_counts])  # -s_-t / M_-t
+    if weight is not None:
+        u.mul_(weight)
+    q = (u * invstd).mul_(torch.stack(sum_dy_xmu_invstd))   # Q_t = -w s^2 (B s) / M_-t
+    p = torch.stack(sum_dy).mul_(u).addcmul_(mean, q, value=-1)  # P_t = -w s A / M_-t - m Q_t
+    # In float64: P - P_q cancels when one group's terms dominate.
+    terms = torch.cat([p, q], dim=1).to(torch.float64)
+    coef = (sum_back(terms.sum(0)) - terms).to(acc)
+    return coef[:, c:], coef[:, :c]
+
+
+class SumBack:
+    """The backward's one exchange in the pooled mode: a (2C,) float64 vector summed over all
+    ranks (nothing to do in one process)."""
+    __slots__ = ("transport", "name", "context")
+
+    def __init__(self, transport, name: str, context: WaitContext):
+        self.transport, self.name, self.context = transport, name, context
+
+    def __call__(self, terms: torch.Tensor) -> torch.Tensor:
+        if self.transport.size == 1:
+            return terms
+        where = self.transport.rows_device(terms.device)
+        summed = self.transport.sum(self.name + ".pool.grad", terms.to(where), self.context)
+        return summed.to(terms.device)
+
+
+def _scale_rows(table: torch.Tensor, factors: Sequence[float]) -> torch.Tensor:
+    """Row t of ``table`` times ``factors[t]`` (host numbers: no tensor made from them)."""
+    if len(set(factors)) == 1:
+        return table * factors[0]
+    return torch.stack([row * f for row, f in zip(table, factors)])
