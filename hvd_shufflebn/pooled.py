@@ -46,11 +46,15 @@ def borrow_pooled(transport, layer, means: List[torch.Tensor], variances: List[t
     mine = shares.sum(0)
     if across:
         header = torch.tensor(report_header + [float(sum(counts))], dtype=torch.float64)
-        summed = transport.sum(layer.name + ".pool", torch.cat([header.to(where), mine]), context)
-        summed_header = summed[:header.numel()].tolist()  # host memory, or the one read per layer
-        raise_if_any_rank_failed(transport, layer.name, summed_header[:-1], make_report(),
-                                 context)
-        total, totals = summed_header[-1], summed[header.numel():].to(where)
+        summed_count = []
+
+        def check(summed_header):  # host memory, or the one device read of the layer
+            summed_header = summed_header.tolist()
+            summed_count.append(summed_header[-1])
+            raise_if_any_rank_failed(transport, layer.name, summed_header[:-1], make_report(),
+                                     context)
+        totals = transport.sum_and_check(layer.name, header.to(where), mine, check, context)
+        total, totals = summed_count[0], totals.to(where)
     else:
         total, totals = float(sum(counts)), mine
     pool_counts = [total - m for m in counts]

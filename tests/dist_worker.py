@@ -119,7 +119,7 @@ def run_and_check(layer, shape, dtype=torch.float32, steps=2, channels_last=Fals
             p.grad = None
         y = layer(x)
         y.backward(dy)
-        perm = layer.last_permutation
+        perm = "others" if layer.borrow_from == "others" else layer.last_permutation
         perms.append(perm)
         if channels_last:
             fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
@@ -616,6 +616,101 @@ def case_groups():
     x = make_input((2 if RANK == bad else 6, 3), torch.float32, seed=RANK)
     expect_error(lambda: layer(x), f"rank {bad}", "more than 1 value per channel in each of the 3 "
                  "groups")
+
+
+def case_others():
+    """borrow_from="others": every rank (group) normalises with the pooled statistics of all the
+    other ranks (groups): 2d-5d, uneven batches, low precision, channels_last, groups on this
+    rank and elsewhere, checkpoint of both kinds, several forwards before one backward, a
+    key-encoder forward, process sets, and bad input giving the same error on every rank."""
+    from torch.utils.checkpoint import checkpoint
+    for spatial in ((), (7,), (3, 4), (2, 3, 2)):
+        layer = ShuffleBN(5, borrow_from="others", momentum=0.3)
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 1.5)
+            layer.bias.uniform_(-0.5, 0.5)
+        run_and_check(layer, (2 + RANK % 3, 5) + spatial, torch.float64, steps=2)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        run_and_check(ShuffleBN(6, borrow_from="others"), (4, 6, 3, 3), dtype, steps=1)
+    run_and_check(ShuffleBN(6, borrow_from="others"), (3, 6, 4, 5), torch.float32, steps=1,
+                  channels_last=True)
+
+    for k in (2, 3):  # uneven groups; steps 1 and 2 checkpointed (non-reentrant, reentrant)
+        layer = ShuffleBN(3, borrow_from="others", groups_per_rank=k, momentum=0.3,
+                          dtype=torch.float64)
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 1.5)
+        for step in range(3):
+            x = make_input((2 * k + (RANK + step) % 3, 3, 4), torch.float64, seed=70 * step + RANK)
+            dy = make_input(x.shape, torch.float64, seed=900 + 70 * step + RANK,
+                            requires_grad=False)
+            before = (layer.running_mean.clone(), layer.running_var.clone())
+            layer.weight.grad = layer.bias.grad = None
+            y = layer(x) if step == 0 else checkpoint(layer, x, use_reentrant=step == 2)
+            y.backward(dy)
+            everyone = gather(dict(x=x.detach(), dy=dy, w=layer.weight.detach(),
+                                   b=layer.bias.detach()))
+            ys, dxs, dws, dbs = reference_groups(
+                [e["x"] for e in everyone], [e["dy"] for e in everyone],
+                [e["w"] for e in everyone], [e["b"] for e in everyone], "others", layer.eps, k)
+            what = f"borrow_from='others', groups_per_rank={k}, step {step}"
+            close(y, ys[RANK], torch.float64, f"output, {what}")
+            close(x.grad, dxs[RANK], torch.float64, f"input gradient, {what}")
+            close(layer.weight.grad, dws[RANK], torch.float64, f"weight gradient, {what}")
+            close(layer.bias.grad, dbs[RANK], torch.float64, f"bias gradient, {what}")
+            mean, var = reference_running([e["x"] for e in everyone], before[0], before[1], 0.3)
+            close(layer.running_mean, mean, torch.float64, f"running_mean, {what}")
+            close(layer.running_var, var, torch.float64, f"running_var, {what}")
+        assert layer.step == 3, layer.step
+
+    # Several forwards before one backward, then a key-encoder forward.
+    layer = ShuffleBN(3, borrow_from="others", dtype=torch.float64)
+    xs = [make_input((n, 3, 4), torch.float64, seed=10 * i + RANK) for i, n in enumerate((4, 2, 3))]
+    dys = [make_input(x.shape, torch.float64, seed=40 + 10 * i + RANK, requires_grad=False)
+           for i, x in enumerate(xs)]
+    ys = [layer(x) for x in xs]
+    sum((y * dy).sum() for y, dy in zip(ys, dys)).backward()
+    dw = db = 0
+    for i, (x, dy, y) in enumerate(zip(xs, dys, ys)):
+        everyone = gather(dict(x=x.detach(), dy=dy, w=layer.weight.detach(),
+                               b=layer.bias.detach()))
+        ref_y, ref_dx, ref_dw, ref_db = reference(
+            [e["x"] for e in everyone], [e["dy"] for e in everyone], [e["w"] for e in everyone],
+            [e["b"] for e in everyone], "others", layer.eps)
+        close(y, ref_y[RANK], torch.float64, f"output of forward {i}")
+        close(x.grad, ref_dx[RANK], torch.float64, f"input gradient of forward {i}")
+        dw, db = dw + ref_dw[RANK], db + ref_db[RANK]
+    close(layer.weight.grad, dw, torch.float64, "weight gradient summed over the forwards")
+    close(layer.bias.grad, db, torch.float64, "bias gradient summed over the forwards")
+    x = make_input((3, 3, 4), torch.float64, seed=60 + RANK, requires_grad=False)
+    with torch.no_grad():
+        y = layer(x)
+    everyone = gather(x)
+    ref_y, _, _, _ = reference(everyone, [torch.zeros_like(e) for e in everyone],
+                               [layer.weight.detach()] * SIZE, [layer.bias.detach()] * SIZE,
+                               "others", layer.eps)
+    close(y, ref_y[RANK], torch.float64, "key-encoder (no_grad) output")
+
+    if SIZE >= 4:  # two process sets of alternate ranks, each pooling over its own
+        mine = [list(range(0, SIZE, 2)), list(range(1, SIZE, 2))][RANK % 2]
+        group = PROCESS_SETS[RANK % 2]
+        layer = ShuffleBN(3, borrow_from="others",
+                          **({"process_group": group} if TORCHRUN else {"process_set": group}))
+        run_and_check(layer, (3, 3, 4), torch.float64, steps=1, ranks=mine)
+
+    # Bad input on one rank, a rank that borrows differently: the same error everywhere.
+    bad = SIZE - 1
+    layer = ShuffleBN(4, borrow_from="others")
+    good = lambda: make_input((3, 4, 5), torch.float32, seed=RANK)  # noqa: E731
+    x = make_input((3, 5, 5), torch.float32, seed=1) if RANK == bad else good()
+    expect_error(lambda: layer(x), f"rank {bad}", "expected 4 channels")
+    x = good().detach().requires_grad_(RANK != bad)
+    expect_error(lambda: layer(x), "requires grad on ranks")
+    assert layer.step == 0, "a step that raised moved the step"
+    layer.borrow_from = "permutation" if RANK == bad else "others"
+    expect_error(lambda: layer(good()), "disagree on the permutation", "borrow_from='others'")
+    layer.borrow_from = "others"
+    run_and_check(layer, (3, 4, 5), torch.float32, steps=1)  # and it still works
 
 
 CASES = {name[len("case_"):]: fn for name, fn in sorted(globals().items())

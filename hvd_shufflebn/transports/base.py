@@ -50,6 +50,16 @@ class Transport:
     def sum(self, name: str, totals: torch.Tensor, context: WaitContext) -> torch.Tensor:
         raise NotImplementedError
 
+    def sum_and_check(self, name: str, header: torch.Tensor, sums: torch.Tensor,
+                      check: Callable[[torch.Tensor], None], context: WaitContext
+                      ) -> torch.Tensor:
+        """The forward of a layer that moves no rows (borrow_from="others"): ``exchange``
+        without rows, in the same collectives and with the same bookkeeping, so that a rank
+        which shuffles while the others pool meets them and every rank raises the same error.
+        Returns the summed ``sums``."""
+        return self.exchange(name, {}, {}, sums.numel(), sums.device, context, header, sums,
+                             check)[1]
+
     def gather_objects(self, name: str, obj, context: WaitContext) -> List[object]:
         """Every rank's ``obj``, in rank order (slow; for the error path only)."""
         raise NotImplementedError

@@ -71,9 +71,16 @@ class TorchDistributedTransport(Transport):
         self._wait([work], context, rows_from(expect))
         return unpack_rows(received, receive_counts, expect, device), summed
 
+    def sum_and_check(self, name, header, sums, check, context):
+        # The exchange's all_reduce alone: a rank that shuffles raises before its all-to-all.
+        totals = self.sum(name, torch.cat([header, sums.to(header.device)]), context)
+        check(totals[:header.numel()].cpu())
+        return totals[header.numel():].to(sums.device)
+
     def sum(self, name, totals, context):
         self.check_usable()
-        summed = totals.to(self._device)
+        # CUDA tensors stay where they are under NCCL; the rest go where the group sums.
+        summed = totals.to(self.rows_device(totals.device) if totals.is_cuda else self._device)
         self._wait([dist.all_reduce(summed, group=self.group, async_op=True)], context,
                    "the sum over all ranks")
         return summed.to(totals.device)
