@@ -8,9 +8,10 @@ schedule (tests/elastic_discovery.py), on Gloo, the way Horovod's own elastic te
 
 The training function runs under ``hvd.elastic.run`` with a ``hvd.elastic.TorchState`` holding
 the model, the optimizer and the step counter, committed after every step. The model (float64)
-has three ShuffleBatchNorm layers: bn0 "derangement" (at 2 ranks it can only be the swap), bn1
-and bn2 "random" (their permutations change from step to step at any size); bn2 has
-track_running_stats=False. At every step every rank checks, for each of them:
+has four ShuffleBatchNorm layers: bn0 "derangement" (at 2 ranks it can only be the swap), bn1
+and bn2 "random" (their permutations change from step to step at any size), bn3 borrowing the
+pooled statistics of all the other ranks (borrow_from="others", whose pool changes with the
+world); bn2 has track_running_stats=False. At every step every rank checks, for each of them:
 
 * its output, input gradient and local weight and bias gradients, and the gradients the
   DistributedOptimizer averaged, against the float64 reference of tests/reference.py computed
@@ -74,7 +75,8 @@ UNTRACKED = os.environ.get("SHUFFLEBN_ELASTIC_UNTRACKED", "kept")
 # The layers under test: (attribute, constructor arguments).
 LAYERS = (("bn0", dict(permutation="derangement", seed=3)),
           ("bn1", dict(permutation="random", seed=11)),
-          ("bn2", dict(permutation="random", seed=17, track_running_stats=False)))
+          ("bn2", dict(permutation="random", seed=17, track_running_stats=False)),
+          ("bn3", dict(borrow_from="others")))
 
 
 def change_steps():
@@ -109,11 +111,12 @@ class Net(nn.Module):
         self.conv = nn.Conv2d(3, 4, 3, padding=1)
         self.bn1 = ShuffleBatchNorm(4, name="bn1", **LAYERS[1][1])
         self.bn2 = ShuffleBatchNorm(4, name="bn2", **LAYERS[2][1])
+        self.bn3 = ShuffleBatchNorm(4, name="bn3", **LAYERS[3][1])
         self.fc = nn.Linear(4, 3)
 
     def forward(self, x):
         h = self.conv(self.bn0(x))
-        h = self.bn2(F.relu(self.bn1(h)))
+        h = self.bn3(self.bn2(F.relu(self.bn1(h))))
         return self.fc(h.mean(dim=(2, 3)))
 
 
@@ -191,7 +194,8 @@ def train_step(state, model, optimizer, probes):
     loss.backward()
     optimizer.step()  # waits for the averaged gradients: .grad now holds them
 
-    perms = [list(layer.last_permutation) for layer in layers]
+    perms = [[] if layer.last_permutation is None else list(layer.last_permutation)
+             for layer in layers]  # bn3 pools: no permutation
     meta = torch.tensor([rank, step, state.rendezvous, x.shape[0], *bn_steps, *sum(perms, [])],
                         dtype=torch.float64)
     rows = {"meta": meta.unsqueeze(0), "state": before.unsqueeze(0)}
@@ -219,7 +223,8 @@ def train_step(state, model, optimizer, probes):
     if not bool((perm_all == perm_all[0]).all()):
         problems.append(f"ranks disagree on the permutations: {perm_all.tolist()}")
     for (attr, kwargs), perm in zip(LAYERS, perms):
-        expected = list(permutation_for(kwargs["permutation"], kwargs["seed"], step, size))
+        expected = (list(permutation_for(kwargs["permutation"], kwargs["seed"], step, size))
+                    if "permutation" in kwargs else [])
         if perm != expected:
             problems.append(f"{attr} used {perm}, the seed and step {step} give {expected}")
     states = everyone["state"]
@@ -237,8 +242,8 @@ def train_step(state, model, optimizer, probes):
         dys = [t.reshape(-1, *shape) for t in dys]
         par = everyone[f"l{i}.par"]
         ws, bs = par[:, :c], par[:, c:2 * c]
-        ref_y, ref_dx, ref_dw, ref_db = reference(xs, dys, list(ws), list(bs), perms[i],
-                                                  probe.layer.eps)
+        ref_y, ref_dx, ref_dw, ref_db = reference(xs, dys, list(ws), list(bs),
+                                                  perms[i] or "others", probe.layer.eps)
         name = LAYERS[i][0]
         errors[f"{name}.output"] = max_error(probe.y.detach(), ref_y[rank])
         errors[f"{name}.input_grad"] = max_error(probe.x.grad, ref_dx[rank])
@@ -297,7 +302,7 @@ def train_main():
     torch.manual_seed(os.getpid())
     model = Net().double()
     with torch.no_grad():
-        for layer in (model.bn0, model.bn1, model.bn2):
+        for layer in (model.bn0, model.bn1, model.bn2, model.bn3):
             layer.weight.uniform_(0.5, 1.5)
             layer.bias.uniform_(-0.5, 0.5)
     probes = [Probe(getattr(model, attr)) for attr, _ in LAYERS]

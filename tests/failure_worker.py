@@ -32,6 +32,7 @@ Settings (environment):
     HVD_SHUFFLEBN_TIMEOUT        the layers' bound (the library reads it)
     SHUFFLEBN_TEST_TIMEOUT_ARG   if set, passed as the layers' timeout= argument instead
     SHUFFLEBN_TEST_TRANSPORT     the layers' transport (default auto)
+    SHUFFLEBN_TEST_BORROW        the layers' borrow_from (default "permutation")
     SHUFFLEBN_TEST_LAG           "rank:seconds,..": these ranks reach step STALL_STEP late
     SHUFFLEBN_TEST_WATCHDOG      seconds after which the process ends itself whatever it does
                                  (default 150), so that ranks left behind by a launcher killed
@@ -86,6 +87,7 @@ def main(scenario):
     odd = size - 1
     timeout = os.environ.get("SHUFFLEBN_TEST_TIMEOUT_ARG")
     kwargs = dict(transport=os.environ.get("SHUFFLEBN_TEST_TRANSPORT", "auto"),
+                  borrow_from=os.environ.get("SHUFFLEBN_TEST_BORROW", "permutation"),
                   timeout=float(timeout) if timeout else None)
     lags = dict(item.split(":") for item in os.environ.get("SHUFFLEBN_TEST_LAG", "").split(",")
                 if item)
@@ -121,7 +123,7 @@ def main(scenario):
                 say(f"SHUFFLEBN_KILL rank={rank} step={step} t={time.time():.3f}")
                 os.kill(os.getpid(), signal.SIGKILL)
             y = second(lin2(h))
-            perm = ",".join(map(str, second.last_permutation))
+            perm = ",".join(map(str, second.last_permutation or [-1]))  # -1: pooled
             say(f"SHUFFLEBN_STEP rank={rank} step={step} perm={perm}")
             if odd_now and scenario == "backward":
                 park(rank, step)

@@ -24,7 +24,10 @@ def build():
     model = torch.nn.Sequential(torch.nn.Conv1d(2, 4, 1), torch.nn.BatchNorm1d(4),
                                 torch.nn.Conv1d(4, 3, 1),
                                 torch.nn.BatchNorm1d(3, track_running_stats=False))
-    return convert_shuffle_batchnorm(model, permutation="derangement", seed=5)
+    model = convert_shuffle_batchnorm(model, permutation="derangement", seed=5)
+    # And one layer that borrows the pooled statistics of all the others (no permutation).
+    return model.extend([torch.nn.Conv1d(3, 3, 1),
+                         ShuffleBatchNorm(3, borrow_from="others", name="pooled")])
 
 
 def main(mode, directory):
@@ -46,7 +49,8 @@ def main(mode, directory):
     for step in steps:
         g = torch.Generator().manual_seed(100 * step + rank)
         model(torch.randn(5, 2, 3, generator=g)).sum().backward()
-        used[step] = [list(layer.last_permutation) for layer in layers]
+        used[step] = [None if layer.last_permutation is None else list(layer.last_permutation)
+                      for layer in layers]
     # Every rank is done before any leaves: a rank that leaves early shuts Horovod down for all.
     if "TORCHELASTIC_RUN_ID" in os.environ:
         dist.barrier()
@@ -57,7 +61,8 @@ def main(mode, directory):
     if rank == 0:
         with open(os.path.join(directory, f"{mode}.json"), "w") as f:
             json.dump({"permutations": used, "steps": [layer.step for layer in layers],
-                       "running_mean": layers[0].running_mean.tolist()}, f)
+                       "running_mean": [layer.running_mean.tolist() for layer in layers
+                                        if layer.running_mean is not None]}, f)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ def test_layer_matches_float64_reference(launcher, ranks, transport, tmp_path):
 @pytest.mark.parametrize("launcher", ["mpirun", "torchrun"])
 def test_resume_replays_the_permutations(launcher, tmp_path):
     """Steps 0-2, save, then a NEW process loads and runs steps 3-5: the same permutations (and
-    running statistics) as one uninterrupted run of steps 0-5. 4 ranks: 9 derangements."""
+    running statistics) as one uninterrupted run of steps 0-5. 4 ranks: 9 derangements; and a
+    layer that borrows from all the others, whose running statistics must continue too."""
     script = ROOT / "tests" / "resume_worker.py"
     for mode in ("full", "first", "resume"):
         done = run(launcher, 4, script, mode, str(tmp_path))
@@ -38,8 +39,9 @@ def test_resume_replays_the_permutations(launcher, tmp_path):
     full, first, resumed = (json.loads((tmp_path / f"{m}.json").read_text())
                             for m in ("full", "first", "resume"))
     assert {**first["permutations"], **resumed["permutations"]} == full["permutations"]
-    assert resumed["steps"] == full["steps"] == [6, 6]
-    assert resumed["running_mean"] == full["running_mean"]
+    assert resumed["steps"] == full["steps"] == [6, 6, 6]
+    assert resumed["running_mean"] == full["running_mean"]  # the pooled layer's too
+    assert len(full["running_mean"]) == 2
     # The check means something: the permutations do change from step to step.
     assert len({str(p) for p in full["permutations"].values()}) > 1
 

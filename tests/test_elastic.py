@@ -24,8 +24,10 @@ from hvd_shufflebn.permutation import permutation_for
 WORKER = ROOT / "tests" / "elastic_worker.py"
 DISCOVERY = ROOT / "tests" / "elastic_discovery.py"
 TIMEOUT = 180  # seconds for one horovodrun; a hang fails the test
-# As in elastic_worker.py: (name, permutation, seed); bn2 has track_running_stats=False.
-LAYERS = (("bn0", "derangement", 3), ("bn1", "random", 11), ("bn2", "random", 17))
+# As in elastic_worker.py: (name, permutation, seed); bn2 has track_running_stats=False; bn3
+# borrows from all the others (no permutation).
+LAYERS = (("bn0", "derangement", 3), ("bn1", "random", 11), ("bn2", "random", 17),
+          ("bn3", None, None))
 TOLERANCE = 1e-9  # float64
 
 
@@ -106,7 +108,7 @@ def check_training(records, sizes, resets):
         # All ranks agree on every layer's permutation, the one the seed and step give at this
         # size, and on every layer's step (num_batches_tracked; bn2's own), the training step.
         for i, (name, mode, seed) in enumerate(LAYERS):
-            expected = list(permutation_for(mode, seed, step, size))
+            expected = [] if mode is None else list(permutation_for(mode, seed, step, size))
             assert all(r["perms"][i] == expected for r in rs), (step, name, rs)
         assert all(r["bn_steps"] == [step] * len(LAYERS) for r in rs), (step, rs)
         worst = max(r["max_error"] for r in rs)
@@ -157,9 +159,9 @@ def test_world_grows_and_a_new_worker_joins_with_the_synced_step(grow_shrink):
     assert len(joined) == 1, joined
     joined = joined[0]
     start, = [r for r in joined if r["event"] == "start"]
-    assert start["bn_steps"] == [0, 0, 0], start
+    assert start["bn_steps"] == [0] * len(LAYERS), start
     first_train = next(r for r in joined if r["event"] == "train")
-    assert first_train["step"] == 4 and first_train["bn_steps"] == [4, 4, 4], first_train
+    assert first_train["step"] == 4 and first_train["bn_steps"] == [4] * len(LAYERS), first_train
     first_step = next(r for r in joined if r["event"] == "step")
     assert (first_step["step"], first_step["rank"], first_step["size"]) == (4, 2, 3), first_step
     others = [r for r in by_step[4] if r["pid"] != first_step["pid"]]
@@ -228,7 +230,8 @@ def test_job_survives_a_worker_that_exits_with_an_error(tmp_path, where, mode, u
         in_gradient_hook = where == "backward" and "torch/optimizer.py:hook" in frames
         assert in_layer or in_gradient_hook, frames
         retrain = next(r for r in rs if r["event"] == "train" and r["time"] > errors[0]["time"])
-        assert (retrain["step"], retrain["size"], retrain["bn_steps"]) == (4, 2, [4] * 3), retrain
+        assert (retrain["step"], retrain["size"], retrain["bn_steps"]) == (4, 2, [4] * len(LAYERS)), \
+            retrain
 
 
 @pytest.mark.mpi

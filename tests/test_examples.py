@@ -49,6 +49,24 @@ def test_moco_quick_loss_falls(bn):
 
 
 @pytest.mark.mpi
+def test_moco_others_uses_the_layer_under_horovod():
+    """--bn others under horovodrun converts the key encoder with borrow_from="others" (the
+    real layer, not a simulation, not plain BN), and on the first key forward every rank's
+    output is what the pooled statistics of the 2 other ranks give (3 ranks: the pool is no
+    single rank's batch, so a permutation would not match either)."""
+    done = run("horovodrun-mpi", 3, ROOT / "examples" / "moco_digits.py", "--bn", "others",
+               "--epochs", "1", "--train-size", "96", "--batch-size", "8", "--probe-draws", "1")
+    assert done.returncode == 0
+    assert ("key encoder normalisation: 4 x ShuffleBatchNorm(borrow_from='others', "
+            "groups_per_rank=1") in done.stdout
+    gaps = re.findall(r"rank (\d): own mean.* normalised with the pooled mean.* of the 2 other "
+                      r"ranks;.*float64 reference from the other ranks' inputs\| = "
+                      r"([0-9.e+-]+)\)", done.stdout)
+    assert sorted(rank for rank, _ in gaps) == ["0", "1", "2"], done.stdout
+    assert all(float(gap) < 1e-5 for _, gap in gaps), gaps
+
+
+@pytest.mark.mpi
 def test_sync_batchnorm_example_matches_float64_reference():
     done = run("horovodrun-mpi", 2, ROOT / "examples" / "sync_batchnorm.py")
     assert done.returncode == 0 and "SyncBatchNorm check PASSED" in done.stdout

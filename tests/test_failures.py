@@ -182,6 +182,15 @@ def test_rank_never_calls_backward(launcher, transport):
 
 
 @pytest.mark.mpi
+def test_rank_never_calls_backward_when_borrowing_from_all_the_others():
+    """borrow_from="others": the backward is one sum over all ranks, so both other ranks wait in
+    the second layer's backward, for that sum, and raise after the bound."""
+    result = launch("mpirun", "mpi", "backward", SHUFFLEBN_TEST_BORROW="others")
+    check_timed_out(result, {r: (SECOND, "backward", "the sum over all ranks",
+                                 ["Waiting here too: ranks [0, 1]."]) for r in (0, 1)})
+
+
+@pytest.mark.mpi
 def test_rank_skips_a_layer_horovod_transport():
     """The odd rank calls only the second layer at step 3. Horovod matches collectives by name:
     all three wait, past the bound, and each names where the others wait."""

@@ -14,7 +14,7 @@ import multihost
 # launch costs ~10 s of start-up): the numerical checks against the float64 reference, the
 # errors, and a case that reports which statistics crossed hosts.
 DIST_CASES = ["statistics_cross_hosts shapes_and_uneven_batches permutation_modes bad_inputs "
-              "no_input_grad transport_choice"]
+              "no_input_grad transport_choice others"]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROBE = os.path.join(HERE, "multihost_probe.py")
