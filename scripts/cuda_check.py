@@ -2,8 +2,8 @@
 
     python scripts/cuda_check.py
 
-1. groups on one process: ShuffleBatchNorm(groups_per_rank=k) on CUDA tensors (float32,
-   float16 under autocast, channels_last) against the float64 reference computed on the CPU;
+1. groups on one process: ShuffleBatchNorm(groups_per_rank=k), both borrow_from modes, on CUDA
+   tensors (float32, float16, channels_last) against the float64 reference computed on the CPU;
 2. the torch.distributed transport with CUDA tensors on 2 processes: the default multi-backend
    group ("cpu:gloo,cuda:nccl": rows stay on each input's GPU) when there are 2 GPUs or more,
    Gloo (rows staged through the host) otherwise;
@@ -33,10 +33,13 @@ def report(name, ok, detail=""):
 
 def check_groups_one_process(device):
     ok = True
-    for k, dtype, channels_last in ((2, torch.float32, False), (4, torch.float32, True),
-                                    (3, torch.float16, False)):
+    for k, dtype, channels_last, mode in ((2, torch.float32, False, "permutation"),
+                                          (4, torch.float32, True, "permutation"),
+                                          (3, torch.float16, False, "permutation"),
+                                          (3, torch.float32, True, "others"),
+                                          (2, torch.float16, False, "others")):
         torch.manual_seed(k)
-        layer = ShuffleBatchNorm(8, groups_per_rank=k, momentum=0.5).to(device)
+        layer = ShuffleBatchNorm(8, groups_per_rank=k, momentum=0.5, borrow_from=mode).to(device)
         x = torch.randn(4 * k + 1, 8, 6, 6, device=device)
         if channels_last:
             x = x.to(memory_format=torch.channels_last)
@@ -48,7 +51,7 @@ def check_groups_one_process(device):
         ys, dxs, dws, dbs = reference_groups([x.detach().cpu().double()], [dy.cpu().double()],
                                              [layer.weight.detach().cpu()],
                                              [layer.bias.detach().cpu()],
-                                             layer.last_permutation, layer.eps, k)
+                                             layer.last_permutation or "others", layer.eps, k)
         tol = dict(rtol=1e-3, atol=1e-3) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
         errors = [float((a.detach().cpu().double() - b).abs().max())
                   for a, b in ((y, ys[0]), (x.grad, dxs[0]), (layer.weight.grad, dws[0]),
@@ -58,7 +61,8 @@ def check_groups_one_process(device):
         good = all(e <= tol["atol"] + tol["rtol"] for e in errors)
         if channels_last:
             good &= y.is_contiguous(memory_format=torch.channels_last)
-        ok &= report(f"groups on one process, k={k}, {dtype}, channels_last={channels_last}",
+        ok &= report(f"groups on one process, k={k}, {dtype}, channels_last={channels_last}, "
+                     f"borrow_from={mode!r}",
                      good, f"max errors {', '.join(f'{e:.1e}' for e in errors)}")
     return ok
 
