@@ -85,9 +85,12 @@ def check(run, encoder_q, encoder_k, losses):
     shuffled = [m for m in encoder_k.modules() if isinstance(m, ShuffleBatchNorm)]
     if not shuffled or any(isinstance(m, ShuffleBatchNorm) for m in encoder_q.modules()):
         problems.append("the key encoder, and only it, must have ShuffleBatchNorm layers")
-    if any(p is None or any(g == lender for g, lender in enumerate(p))
-           for p in (m.last_permutation for m in shuffled)):
-        problems.append("a group normalised with its own statistics")
+    for m in shuffled:
+        p = m.last_permutation
+        if m.borrow_from == "others" and p is not None:
+            problems.append("a layer borrowing from all the others used a permutation")
+        if m.borrow_from != "others" and (p is None or any(g == u for g, u in enumerate(p))):
+            problems.append("a group normalised with its own statistics")
     running = torch.cat([b.double().flatten() for name, b in encoder_k.named_buffers()
                          if name.endswith(("running_mean", "running_var"))])
     every_rank = run.gather(running[None])
@@ -118,6 +121,9 @@ def main():
     p.add_argument("--temperature", type=float, default=0.2)
     p.add_argument("--print-every", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--borrow-from", choices=["permutation", "others"], default="permutation",
+                   help="the key encoder's layers borrow from one other group (shuffled) or "
+                        "from all the others pooled")
     args = p.parse_args()
     launcher = detect_launcher() if args.launcher == "auto" else args.launcher
     run = Launcher(launcher)
@@ -128,6 +134,7 @@ def main():
     # THE RECIPE: convert the key encoder only, before anything wraps it. One process: 2 groups
     # of each batch lend to each other; under a launcher, transport "auto" finds it.
     layer_kwargs = dict(groups_per_rank=2, transport="local") if launcher == "none" else {}
+    layer_kwargs["borrow_from"] = args.borrow_from
     encoder_k = convert_shuffle_batchnorm(copy.deepcopy(encoder_q), seed=args.seed, **layer_kwargs)
     for param in encoder_k.parameters():
         param.requires_grad_(False)  # a moving average of the query encoder

@@ -3,6 +3,7 @@
     mpirun -np 4 python tests/resume_worker.py full   DIR   # 6 steps in one go
     mpirun -np 4 python tests/resume_worker.py first  DIR   # steps 0-2, then save
     mpirun -np 4 python tests/resume_worker.py resume DIR   # a new process loads, steps 3-5
+    mpirun -np 4 python tests/resume_worker.py full,first DIR  # both, each with a model of its own
 
 (or torchrun --nproc-per-node 4 ...: torch.distributed instead of Horovod)
 
@@ -30,7 +31,7 @@ def build():
                          ShuffleBatchNorm(3, borrow_from="others", name="pooled")])
 
 
-def main(mode, directory):
+def main(modes, directory):
     torch.set_num_threads(1)
     if "TORCHELASTIC_RUN_ID" in os.environ:
         dist.init_process_group("gloo")
@@ -39,6 +40,11 @@ def main(mode, directory):
         import horovod.torch as hvd
         hvd.init()
         rank = hvd.rank()
+    for mode in modes.split(","):
+        run(mode, directory, rank)
+
+
+def run(mode, directory, rank):
     model = build()
     steps = {"full": range(6), "first": range(3), "resume": range(3, 6)}[mode]
     checkpoint = os.path.join(directory, f"rank{rank}.pt")
@@ -55,7 +61,8 @@ def main(mode, directory):
     if "TORCHELASTIC_RUN_ID" in os.environ:
         dist.barrier()
     else:
-        hvd.allreduce(torch.zeros(1), name="resume.done")
+        import horovod.torch as hvd
+        hvd.allreduce(torch.zeros(1), name=f"resume.done.{mode}")
     if mode == "first":
         torch.save(model.state_dict(), checkpoint)
     if rank == 0:

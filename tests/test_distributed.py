@@ -33,7 +33,7 @@ def test_resume_replays_the_permutations(launcher, tmp_path):
     running statistics) as one uninterrupted run of steps 0-5. 4 ranks: 9 derangements; and a
     layer that borrows from all the others, whose running statistics must continue too."""
     script = ROOT / "tests" / "resume_worker.py"
-    for mode in ("full", "first", "resume"):
+    for mode in ("full,first", "resume"):  # "resume" in a new process
         done = run(launcher, 4, script, mode, str(tmp_path))
         assert done.returncode == 0, f"{mode} run failed (exit {done.returncode})"
     full, first, resumed = (json.loads((tmp_path / f"{m}.json").read_text())
