@@ -3,14 +3,19 @@
     mpirun -np 2 --oversubscribe --allow-run-as-root .venv/bin/python benchmarks/bench.py --out r.json
 
 Parts (``--parts``, default all):
-  micro  per-layer forward+backward of ShuffleBatchNorm (each transport, and without any
-         communication: "shuffle-local"), BatchNorm2d and SyncBN on one (N, C, H, W) input; the
-         raw primitives the layer's exchanges are made of, alone and placed around a BatchNorm2d
-         as in the layer; all interleaved in one loop. Plus the tensors
-         each layer keeps for backward. With --no-horovod: the mpi4py ops only (a control).
+  micro  per-layer forward+backward of ShuffleBatchNorm (each transport, in both modes:
+         "shuffle-*" borrows from one other group, "others-*" from all the others pooled; and
+         without any communication: "shuffle-local", "others-local"), BatchNorm2d and SyncBN on
+         one (N, C, H, W) input; the raw primitives the layer's exchanges are made of, alone and
+         placed around a BatchNorm2d as in the layer; all interleaved in one loop. Plus the
+         tensors each layer keeps for backward. With --no-horovod: the mpi4py ops only (a control).
   macro  training steps (hvd.DistributedOptimizer in every variant) and key-encoder forwards
          (torch.no_grad, train mode, as MoCo's key encoder) of ResNet-18/50-style networks.
   bytes  bytes each rank hands to / gets from collectives per step, counted by wrappers.
+
+Variants: bn (plain BatchNorm2d), shuffle-<transport> (ShuffleBatchNorm, borrow_from=
+"permutation"), others-<transport> (borrow_from="others"), syncbn, original, sample-shuffle
+(baselines.py); <transport> is mpi or horovod.
 
 Timings: variants are interleaved (A, B, C, A, B, C, ... with the order rotated every round),
 each timed block starts after a barrier, and a block's time is that of the SLOWEST rank (what a
@@ -38,6 +43,7 @@ import baselines  # noqa: E402
 from models import MODELS  # noqa: E402
 from hvd_shufflebn import ShuffleBatchNorm, convert_shuffle_batchnorm  # noqa: E402
 from hvd_shufflebn.transports import mpi as mpi_transport  # noqa: E402
+from hvd_shufflebn.transports.base import Transport  # noqa: E402
 
 SYNC_BN = baselines.load_sync_batchnorm()
 
@@ -82,10 +88,26 @@ def shuffle_transports():
     return found
 
 
+def borrows_from_others():
+    """Whether this version of the layer has ``borrow_from="others"``."""
+    return "borrow_from" in inspect.signature(ShuffleBatchNorm.__init__).parameters
+
+
+def layer_variants():
+    """{variant name: ShuffleBatchNorm keyword arguments}: shuffle-<transport> (the default mode,
+    a permutation) and others-<transport> (borrow_from="others") for each usable transport."""
+    found = {f"shuffle-{t}": kwargs for t, kwargs in shuffle_transports().items()}
+    if borrows_from_others():
+        found.update({f"others-{t}": dict(kwargs, borrow_from="others")
+                      for t, kwargs in shuffle_transports().items()})
+    return found
+
+
 def convert(variant, model):
     """``model`` with its BatchNorm layers replaced as ``variant`` does it."""
-    if variant.startswith("shuffle-"):
-        return convert_shuffle_batchnorm(model, **shuffle_transports()[variant[len("shuffle-"):]])
+    layers = layer_variants()
+    if variant in layers:
+        return convert_shuffle_batchnorm(model, **layers[variant])
     if variant == "syncbn":
         return SYNC_BN.convert_sync_batchnorm(model)
     if variant == "original":
@@ -94,7 +116,7 @@ def convert(variant, model):
 
 
 def macro_variants(args):
-    names = ["bn"] + [f"shuffle-{t}" for t in shuffle_transports()]
+    names = ["bn"] + list(layer_variants())
     names += (["syncbn"] if SYNC_BN else []) + ["original", "sample-shuffle"]
     if args.variants:
         names = [n for n in names if n in args.variants.split(",")]
@@ -146,8 +168,8 @@ def micro(args, comm):
     bn = nn.BatchNorm2d(c)
     layers = {"bn": bn}
     if with_hvd:
-        for t, kwargs in shuffle_transports().items():
-            layers[f"shuffle-{t}"] = ShuffleBatchNorm(c, name=f"micro.{t}", **kwargs)
+        for variant, kwargs in layer_variants().items():
+            layers[variant] = ShuffleBatchNorm(c, name=f"micro.{variant}", **kwargs)
         if SYNC_BN:
             layers["syncbn"] = SYNC_BN.SyncBatchNorm(c)
 
@@ -161,13 +183,19 @@ def micro(args, comm):
     local = shuffle_without_communication(c, x, dy) if with_hvd else None
     if local:
         ops["shuffle-local"] = local
+    local = (shuffle_without_communication(c, x, dy, borrow_from="others")
+             if with_hvd and borrows_from_others() else None)
+    if local:
+        ops["others-local"] = local
 
     # The raw primitives, with the layer's packet sizes: forward sends 2C+1 float64 to one rank and
     # sums 2C+5 over all ranks; backward sends 2C back. A fixed shift: same bytes per rank.
+    # borrow_from="others": forward sums the same 2C+5, backward sums 2C over all ranks.
     dest, source = (rank + 1) % size, (rank - 1) % size
     fwd, fwd_in = torch.randn(1, 2 * c + 1, dtype=torch.float64), torch.empty(1, 2 * c + 1, dtype=torch.float64)
     bwd, bwd_in = torch.randn(1, 2 * c, dtype=torch.float64), torch.empty(1, 2 * c, dtype=torch.float64)
     sums, sums_out = torch.randn(2 * c + 5, dtype=torch.float64), torch.empty(2 * c + 5, dtype=torch.float64)
+    bwd_sum = torch.empty(2 * c, dtype=torch.float64)
     gathered = torch.empty(size, 2 * c + 1, dtype=torch.float64)
     mpi = MPI.COMM_WORLD.Dup()  # as the mpi transport does: its own communicator
     splits = torch.zeros(size, dtype=torch.int32)
@@ -182,6 +210,9 @@ def micro(args, comm):
     def mpi_bwd():
         mpi.Sendrecv(bwd.numpy(), source, 1, bwd_in.numpy(), dest, 1)
 
+    def mpi_bwd_sum():
+        mpi.Allreduce(bwd.numpy(), bwd_sum.numpy())
+
     def hvd_fwd():
         handles = (hvd.alltoall_async(fwd, splits=splits, name="raw.fwd.alltoall"),
                    hvd.allreduce_async(sums, op=hvd.Sum, name="raw.fwd.allreduce"))
@@ -190,6 +221,16 @@ def micro(args, comm):
 
     def hvd_bwd():
         hvd.alltoall(bwd, splits=splits, name="raw.bwd.alltoall")
+
+    # borrow_from="others": one sum each way, no move.
+    def mpi_fwd_sum():
+        mpi.Allreduce(sums.numpy(), sums_out.numpy())
+
+    def hvd_fwd_sum():
+        hvd.allreduce(sums, op=hvd.Sum, name="raw.fwd.allreduce")
+
+    def hvd_bwd_sum():
+        hvd.allreduce(bwd[0], op=hvd.Sum, name="raw.bwd.allreduce")
 
     # The same raw calls between a BatchNorm2d's forward and backward, as in the layer: how much of
     # a layer's cost is waiting for the partner rank (scheduling), not the library's own work.
@@ -208,6 +249,11 @@ def micro(args, comm):
         "mpi.Allgather": lambda: mpi.Allgather(fwd.numpy(), gathered.numpy()),
         "mpi.floor": lambda: (mpi_fwd(), mpi_bwd()),
     })
+    if with_hvd and borrows_from_others():
+        ops.update({
+            "bn+mpi.floor-others": around_bn(mpi_fwd_sum, mpi_bwd_sum),
+            "mpi.floor-others": lambda: (mpi_fwd_sum(), mpi_bwd_sum()),
+        })
     if with_hvd:
         ops.update({
             "bn+hvd.floor": around_bn(hvd_fwd, hvd_bwd),
@@ -216,14 +262,21 @@ def micro(args, comm):
             "hvd.allgather": lambda: hvd.allgather(fwd, name="raw.allgather"),
             "hvd.floor": lambda: (hvd_fwd(), hvd_bwd()),
         })
-    samples = interleave(ops, args.micro_rounds, args.micro_inner, 3, comm)
+        if borrows_from_others():
+            ops.update({
+                "bn+hvd.floor-others": around_bn(hvd_fwd_sum, hvd_bwd_sum),
+                "hvd.floor-others": lambda: (hvd_fwd_sum(), hvd_bwd_sum()),
+            })
+    samples = interleave(ops, args.micro_rounds, args.micro_inner, min(3, args.warmup), comm)
     memory = {name: saved_tensors(layer, x) for name, layer in layers.items()}
     return {"shape": args.micro_shape, "inner": args.micro_inner, "samples": samples,
             "memory": memory}
 
 
-class Loopback:
-    """A transport that communicates nothing: rank 0 of 2 whose partner holds the same batch."""
+class Loopback(Transport):
+    """A transport that communicates nothing: rank 0 of 2 whose partner holds the same batch.
+    (What it does not define, e.g. the others mode's forward sum, it inherits from the base
+    class, which builds it from ``exchange``.)"""
     rank, size, broken, kind, reason = 0, 2, None, "loopback", "benchmark"
 
     def current(self, requested):
@@ -242,13 +295,17 @@ class Loopback:
             sums = sums * 2
         return {source: rows[source] for source in expect}, sums
 
+    def sum(self, name, totals, context):  # borrow_from="others"
+        return totals * 2
 
-def shuffle_without_communication(c, x, dy):
+
+def shuffle_without_communication(c, x, dy, **kwargs):
     """ShuffleBatchNorm's forward+backward with the Loopback transport: the layer's own math and
     Python, i.e. the part of its overhead that is not the exchange. Sets the layer's transport
-    (an internal attribute); None if that has changed."""
+    (an internal attribute); None if that has changed. ``kwargs``: e.g. borrow_from="others"."""
     try:
-        layer = ShuffleBatchNorm(c, name="local")
+        layer = ShuffleBatchNorm(c, name="local-" + kwargs.get("borrow_from", "permutation"),
+                                 **kwargs)
         layer._transport = Loopback()
 
         def run():
@@ -334,7 +391,7 @@ def count_bytes(args, model_name):
             wrapped = []
             for what in (["train"] if trains(variant) else []) + ["keyfwd"]:
                 for counting in (False, True):
-                    if counting and variant == "shuffle-mpi" and not wrapped:
+                    if counting and variant.endswith("-mpi") and not wrapped:
                         wrapped = wrap_mpi_comms(counter)
                     counter.reset()
                     optimizer.zero_grad()
@@ -420,7 +477,7 @@ def main():
         result["micro"] = micro(args, comm)
         log(f"micro: {time.perf_counter() - started:.1f} s")
         for name, s in result["micro"]["samples"].items():
-            log(f"  micro {name:18s} {summary(s)}")
+            log(f"  micro {name:20s} {summary(s)}")
     for model_name in args.models:
         if "macro" in args.parts:
             result.setdefault("macro", {})[model_name] = r = macro(args, comm, model_name)

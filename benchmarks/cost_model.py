@@ -1,5 +1,6 @@
 """A latency-bandwidth cost model of MoCo's key-encoder forward, fitted to the shaped-network run
-(results/network.json from network.py) and used to predict ResNet-50 at 8, 64 and 512 ranks.
+(results/network.json from network.py) and used to predict ResNet-50 at 8, 64 and 512 ranks; and
+the same model for the BN exchanges of a training step (forward + backward).
 
 Messages cost alpha + bytes * beta (fitted per link rate to the ping-pong between the two hosts).
 Per key forward on p ranks, N images of H x W per rank, BN layers of widths C, feature dim D:
@@ -14,8 +15,20 @@ Per key forward on p ranks, N images of H x W per rank, BN layers of widths C, f
                      ceil(log2 p) (alpha + 8 (2C+5) beta)
                      + o_mpi per layer (mpi transport), or + 1 ms (Horovod's negotiation cycle)
                      + o_hvd per layer (horovod transport)
+  ShuffleBatchNorm,  borrow_from="others" (others-*): the same allreduce of 2C+5 float64 and no
+  pooled             move: ceil(log2 p) (alpha + 8 (2C+5) beta) + the transport's overhead
+                     (+ 1 ms per layer with Horovod)
 The software overheads o_* (per layer) and the copies of sample shuffling are fitted to the
-measured communication time (variant - plain BN, paired) as the median residual over all points.
+measured communication time (variant - plain BN, paired) as the median residual over all points;
+a variant the shaped-network run did not measure takes the overhead of its transport's
+shuffle-* variant.
+
+Training step (forward + backward), the BN layers' exchanges only (the gradient allreduce is the
+same for every variant), per layer: the forward as above, plus in the backward
+  SyncBN             an allreduce of 2C float32:      ceil(log2 p) (alpha + 4 (2C) beta)
+  shuffle-*          one row of 2C float64 back:      alpha + 8 (2C) beta
+  others-*           an allreduce of 2C float64:      ceil(log2 p) (alpha + 8 (2C) beta)
+each exchange with the fitted per-layer overhead again (and Horovod's 1 ms cycle again).
 """
 import json
 import math
@@ -32,7 +45,15 @@ PREDICT_RATES = (10, 25, 100)       # Gbit/s
 RESNET50 = {"batch": 32, "image": 224}
 DATACENTER_LATENCY = 10e-6          # seconds per message: TCP on a datacenter NIC (RDMA: ~2 us)
 HOROVOD_CYCLE = 1e-3                # HOROVOD_CYCLE_TIME's default
-VARIANTS = ("sample-shuffle", "syncbn", "shuffle-mpi", "shuffle-horovod")
+VARIANTS = ("sample-shuffle", "syncbn", "shuffle-mpi", "shuffle-horovod", "others-mpi",
+            "others-horovod")
+STEP_VARIANTS = VARIANTS[1:]        # sample shuffling touches only the key encoder: no step
+
+
+def allreduce_seconds(p, values, itemsize, alpha, beta):
+    """A small vector summed over p ranks by recursive doubling (NCCL's and MPI's choice below a
+    few KiB): ceil(log2 p) steps, each one message of the whole vector."""
+    return log2(p) * (alpha + itemsize * values * beta)
 
 
 def resnet50_bn_channels():
@@ -61,10 +82,22 @@ def network_seconds(variant, p, batch, image, channels, alpha, beta, kappa=1.0):
         n = 12 * batch * image * image + 4 * batch * FEATURES
         return (p - 1) * (2 * alpha + kappa * n * beta)
     if variant == "syncbn":
-        return sum(log2(p) * (alpha + 4 * (2 * c + 1) * beta) for c in channels)
-    wire = sum(log2(p) * (alpha + 8 * (2 * c + 5) * beta) for c in channels)  # shuffle-*
+        return sum(allreduce_seconds(p, 2 * c + 1, 4, alpha, beta) for c in channels)
+    # shuffle-* and others-*: the same sum; shuffle's row to one rank overlaps it.
+    wire = sum(allreduce_seconds(p, 2 * c + 5, 8, alpha, beta) for c in channels)
     # Horovod starts a collective at its next negotiation cycle: one cycle per layer.
-    return wire + (len(channels) * HOROVOD_CYCLE if variant == "shuffle-horovod" else 0.0)
+    return wire + (len(channels) * HOROVOD_CYCLE if variant.endswith("-horovod") else 0.0)
+
+
+def backward_network_seconds(variant, p, channels, alpha, beta):
+    """Time on the wire of the backward's exchanges per training step (no software overhead)."""
+    if variant == "syncbn":
+        wire = sum(allreduce_seconds(p, 2 * c, 4, alpha, beta) for c in channels)
+    elif variant.startswith("others-"):
+        wire = sum(allreduce_seconds(p, 2 * c, 8, alpha, beta) for c in channels)
+    else:  # shuffle-*: one row back to the rank that lent the statistics
+        wire = sum(alpha + 8 * 2 * c * beta for c in channels) if p > 1 else 0.0
+    return wire + (len(channels) * HOROVOD_CYCLE if variant.endswith("-horovod") else 0.0)
 
 
 def bytes_received(variant, p, batch, image, channels):
@@ -73,7 +106,19 @@ def bytes_received(variant, p, batch, image, channels):
         return (p - 1) * (12 * batch * image * image + 4 * batch * FEATURES)
     if variant == "syncbn":
         return sum(log2(p) * 4 * (2 * c + 1) for c in channels)
+    if variant.startswith("others-"):
+        return sum(log2(p) * 8 * (2 * c + 5) for c in channels)
     return sum(log2(p) * 8 * (2 * c + 5) + 8 * (2 * c + 1) for c in channels)
+
+
+def step_bytes_received(variant, p, channels):
+    """Bytes each rank receives per training step in the BN layers' exchanges."""
+    forward = bytes_received(variant, p, 0, 0, channels)
+    if variant == "syncbn":
+        return forward + sum(log2(p) * 4 * 2 * c for c in channels)
+    if variant.startswith("others-"):
+        return forward + sum(log2(p) * 8 * 2 * c for c in channels)
+    return forward + sum(8 * 2 * c for c in channels)
 
 
 def measured(network):
@@ -109,6 +154,9 @@ def fit(network):
     # SyncBN is not measured here: a layer that makes one small collective per forward from
     # Python costs about what the mpi transport's layer costs.
     overhead.setdefault("syncbn", overhead.get("shuffle-mpi", 0.0))
+    # borrow_from="others", where not measured: its transport's per-layer overhead.
+    for transport in ("mpi", "horovod"):
+        overhead.setdefault(f"others-{transport}", overhead.get(f"shuffle-{transport}", 0.0))
     return {"links": links, "overhead": overhead, "kappa": kappa, "ranks": p, "batch": batch,
             "channels": channels}
 
@@ -129,6 +177,13 @@ def predict(model, variant, p, batch, image, channels, alpha, beta):
             + per * model["overhead"].get(variant, 0.0))
 
 
+def predict_step(model, variant, p, channels, alpha, beta):
+    """BN exchanges of one training step: forward + backward, each with the per-layer overhead."""
+    return (network_seconds(variant, p, 0, 0, channels, alpha, beta)
+            + backward_network_seconds(variant, p, channels, alpha, beta)
+            + 2 * len(channels) * model["overhead"].get(variant, 0.0))
+
+
 def latencies(model):
     """The per-message latencies predictions are made at: the one fitted here (4 ranks share 2
     cores, so it is mostly scheduling) and a datacenter NIC's."""
@@ -136,22 +191,36 @@ def latencies(model):
             "datacenter": DATACENTER_LATENCY}
 
 
-def predictions(model):
-    """ResNet-50 at 224 px, 32 images per rank: bytes and seconds per key forward."""
-    channels = resnet50_bn_channels()
+def _grid(model, variants, bytes_of, seconds_of):
+    """One row per latency, rate, rank count and variant: bytes_of(variant, p) and
+    seconds_of(variant, p, alpha, beta)."""
     rows = []
     for latency, alpha in latencies(model).items():
         for rate in PREDICT_RATES:
             beta = 8 / (rate * 1e9)
             for p in PREDICT_RANKS:
-                for variant in VARIANTS:
+                for variant in variants:
                     rows.append({"latency": latency, "alpha": alpha, "rate_gbit": rate,
-                                 "ranks": p, "variant": variant,
-                                 "bytes": bytes_received(variant, p, RESNET50["batch"],
-                                                         RESNET50["image"], channels),
-                                 "seconds": predict(model, variant, p, RESNET50["batch"],
-                                                    RESNET50["image"], channels, alpha, beta)})
+                                 "ranks": p, "variant": variant, "bytes": bytes_of(variant, p),
+                                 "seconds": seconds_of(variant, p, alpha, beta)})
     return rows
+
+
+def predictions(model):
+    """ResNet-50 at 224 px, 32 images per rank: bytes and seconds per key forward."""
+    channels = resnet50_bn_channels()
+    batch, image = RESNET50["batch"], RESNET50["image"]
+    return _grid(model, VARIANTS,
+                 lambda v, p: bytes_received(v, p, batch, image, channels),
+                 lambda v, p, alpha, beta: predict(model, v, p, batch, image, channels, alpha,
+                                                   beta))
+
+
+def step_predictions(model):
+    """ResNet-50: bytes and seconds of the BN layers' exchanges per training step."""
+    channels = resnet50_bn_channels()
+    return _grid(model, STEP_VARIANTS, lambda v, p: step_bytes_received(v, p, channels),
+                 lambda v, p, alpha, beta: predict_step(model, v, p, channels, alpha, beta))
 
 
 def section(network):
@@ -170,9 +239,11 @@ def section(network):
            "BN's, paired per round (median). Took "
            f"{network['seconds']:.0f} s; load average {' '.join(network['loadavg_start'])} at "
            "the start.\n"]
-    header = ["link", "fitted latency", "fitted bandwidth", "image", "bn (compute)",
-              "sample-shuffle comm", "shuffle-mpi comm", "shuffle-horovod comm",
-              "sample-shuffle / shuffle-mpi"]
+    seen = [v for v in VARIANTS if v != "sample-shuffle"
+            and any(v in times for s in network["settings"] for times in s["keyfwd"].values())]
+    header = (["link", "fitted latency", "fitted bandwidth", "image", "bn (compute)",
+               "sample-shuffle comm"] + [f"{v} comm" for v in seen]
+              + ["sample-shuffle / shuffle-mpi"])
     measured_rows = []
     for s in network["settings"]:
         a, b = model["links"][s["rate_gbit"]]
@@ -183,15 +254,19 @@ def section(network):
             measured_rows.append([
                 f"{s['rate_gbit']} Gbit/s" if s["rate_gbit"] else "unshaped veth", t(a),
                 f"{8 / b / 1e9:.2f} Gbit/s" if b > 0 else "-", f"{image} px",
-                t(median(times["bn"])), t(comm["sample-shuffle"]), t(comm["shuffle-mpi"]),
-                t(comm["shuffle-horovod"]), f"{ratio:.2f}"])
+                t(median(times["bn"])), t(comm["sample-shuffle"])]
+                + [t(comm[v]) if v in comm else "-" for v in seen] + [f"{ratio:.2f}"])
     out.append(table(header, measured_rows))
     o = model["overhead"]
     fitted = latencies(model)["fitted here"]
     out.append("**Cost model** (benchmarks/cost_model.py; formulas in its docstring). Fitted "
                "software overheads: ShuffleBatchNorm " + t(o.get("shuffle-mpi", 0)) +
                " per layer (mpi transport), " + t(o.get("shuffle-horovod", 0)) +
-               " per layer (horovod transport; beyond its 1 ms cycle), sample shuffling " +
+               " per layer (horovod transport; beyond its 1 ms cycle), " +
+               "".join(f"`{v}` (`borrow_from=\"others\"`) " + (
+                   f"{t(o.get(v, 0))} per layer, " if v in seen else
+                   f"not measured here, given shuffle-{v[len('others-'):]}'s, ")
+                   for v in ("others-mpi", "others-horovod")) + "sample shuffling " +
                t(o.get("sample-shuffle", 0)) + " per forward (copies, indexing), and its "
                f"allgathers put {model['kappa']:.2f}x the ideal ring's bytes through the slowest "
                "link (Open MPI's algorithm for 4 ranks on 2 hosts, and 2 ranks' streams sharing "
@@ -216,7 +291,50 @@ def section(network):
                "rank (bytes received per rank / communication time):\n\n" + table(
                    ["latency", "link", "ranks"] + [f"{v}: bytes / time" for v in VARIANTS],
                    predicted_rows))
+    steps = step_predictions(model)
+    by_key = {(r["latency"], r["rate_gbit"], r["ranks"], r["variant"]): r for r in steps}
+    step_rows = []
+    for latency, alpha in latencies(model).items():
+        for rate in PREDICT_RATES:
+            for p in PREDICT_RANKS:
+                cells = [f"{latency} ({t(alpha)})", f"{rate} Gbit/s", str(p)]
+                for v in STEP_VARIANTS:
+                    r = by_key[(latency, rate, p, v)]
+                    cells.append(f"{size(r['bytes'])} / {t(r['seconds'])}")
+                step_rows.append(cells)
+    out.append("Predicted per training step, ResNet-50, the BN layers' exchanges only (forward + "
+               "backward; the gradient allreduce, the same for all, left out): bytes received "
+               "per rank / communication time. In the backward SyncBN sums 2C float32 and "
+               "`others-*` sums 2C float64 over all ranks (ceil(log2 p) messages), where "
+               "`shuffle-*` sends one row of 2C float64 to one rank (one message); each exchange "
+               "costs the fitted per-layer overhead again.\n\n" + table(
+                   ["latency", "link", "ranks"] + [f"{v}: bytes / time" for v in STEP_VARIANTS],
+                   step_rows))
+    out.append(wire_table())
     return "\n".join(out), model, rows
+
+
+def wire_only(p, channels, alpha, beta):
+    """{variant: (key forward, training step)} seconds on the wire per ResNet-50 step, without
+    any software overhead."""
+    return {v: (network_seconds(v, p, 0, 0, channels, alpha, beta),
+                network_seconds(v, p, 0, 0, channels, alpha, beta)
+                + backward_network_seconds(v, p, channels, alpha, beta)) for v in STEP_VARIANTS}
+
+
+def wire_table(rate=25):
+    """Markdown: the exchanges' time on the wire alone, where the variants differ by their
+    messages rather than by this machine's software overheads."""
+    channels, beta = resnet50_bn_channels(), 8 / (rate * 1e9)
+    rows = []
+    for p in PREDICT_RANKS:
+        wire = wire_only(p, channels, DATACENTER_LATENCY, beta)
+        rows.append([str(p)] + [f"{t(wire[v][0])} / {t(wire[v][1])}" for v in STEP_VARIANTS])
+    return (f"The same model on the wire alone (no software overhead; {t(DATACENTER_LATENCY)} "
+            f"per message, {rate} Gbit/s), ResNet-50's {len(channels)} BN layers: key-encoder "
+            "forward / training step (BN exchanges only). The horovod variants include 1 ms of "
+            "negotiation cycle per exchange.\n\n"
+            + table(["ranks"] + [f"{v}: keyfwd / step" for v in STEP_VARIANTS], rows))
 
 
 def plot(network, path):
@@ -228,14 +346,16 @@ def plot(network, path):
     p, batch, channels = model["ranks"], model["batch"], model["channels"]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8))
     colours = {"sample-shuffle": "tab:red", "shuffle-mpi": "tab:blue", "shuffle-horovod": "tab:green",
-               "syncbn": "tab:purple"}
+               "syncbn": "tab:purple", "others-mpi": "tab:cyan", "others-horovod": "tab:olive"}
     images = sorted({int(i) for s in network["settings"] for i in s["keyfwd"]})
     fine = list(range(min(images), max(images) + 1, 4))
     for s in network["settings"]:
         if s["rate_gbit"] is None:
             continue
         a, b = model["links"][s["rate_gbit"]]
-        for v in ("sample-shuffle", "shuffle-mpi"):
+        for v in ("sample-shuffle", "shuffle-mpi", "others-mpi"):
+            if not all(v in s["keyfwd"][str(i)] for i in images if str(i) in s["keyfwd"]):
+                continue
             points = [(i, median([x - y for x, y in zip(s["keyfwd"][str(i)][v], s["keyfwd"][str(i)]["bn"])]))
                       for i in images if str(i) in s["keyfwd"]]
             ax.scatter([i for i, _ in points], [c * 1e3 for _, c in points], color=colours[v],

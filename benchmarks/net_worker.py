@@ -9,10 +9,13 @@ Measures, on whatever link the launcher set up:
              sample-shuffle  MoCo's _batch_shuffle_ddp: gather every rank's images, encode a
                              shuffled slice, gather the outputs, unshuffle (baselines.py)
              shuffle-mpi, shuffle-horovod   ShuffleBatchNorm with each transport
+             others-mpi      ShuffleBatchNorm(borrow_from="others"), mpi transport (where the
+                             layer has that option)
            interleaved per round, each timed block the slowest rank's. Communication per forward
            = the variant's time - bn's, paired per round.
 """
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -26,9 +29,11 @@ import horovod.torch as hvd
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import baselines  # noqa: E402
 from models import ResNet, BasicBlock  # noqa: E402
-from hvd_shufflebn import convert_shuffle_batchnorm  # noqa: E402
+from hvd_shufflebn import ShuffleBatchNorm, convert_shuffle_batchnorm  # noqa: E402
 
-VARIANTS = ("bn", "sample-shuffle", "shuffle-mpi", "shuffle-horovod")
+OTHERS = "borrow_from" in inspect.signature(ShuffleBatchNorm.__init__).parameters
+VARIANTS = ("bn", "sample-shuffle", "shuffle-mpi", "shuffle-horovod") + (
+    ("others-mpi",) if OTHERS else ())
 PING_BYTES = [8, 1 << 10, 1 << 14, 1 << 17, 1 << 20, 1 << 22, 1 << 24]
 
 
@@ -76,6 +81,9 @@ def key_forwards(args, comm, image):
     encoders = {"bn": encoder().train(), "sample-shuffle": baselines.SampleShuffle(encoder().train()),
                 "shuffle-mpi": convert_shuffle_batchnorm(encoder().train(), transport="mpi"),
                 "shuffle-horovod": convert_shuffle_batchnorm(encoder().train(), transport="horovod")}
+    if "others-mpi" in VARIANTS:
+        encoders["others-mpi"] = convert_shuffle_batchnorm(encoder().train(), transport="mpi",
+                                                           borrow_from="others")
     samples = {name: [] for name in encoders}
     names = list(encoders)
     with torch.no_grad():

@@ -15,9 +15,13 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-SHUFFLES = ("shuffle-horovod", "shuffle-mpi")
+SHUFFLES = ("shuffle-horovod", "shuffle-mpi")  # borrow_from="permutation" (the default)
+OTHERS = ("others-horovod", "others-mpi")       # borrow_from="others"
+LAYERS = SHUFFLES + OTHERS                     # every ShuffleBatchNorm variant
 NETWORK = "network.json"  # network.py's result: its own section, from cost_model.py
-FLOOR = {"shuffle-horovod": "hvd.floor", "shuffle-mpi": "mpi.floor"}
+# Each layer variant's exchanges as raw calls (bench.py's micro part).
+FLOOR = {"shuffle-horovod": "hvd.floor", "shuffle-mpi": "mpi.floor",
+         "others-horovod": "hvd.floor-others", "others-mpi": "mpi.floor-others"}
 # Over plain BatchNorm at 2 ranks, Horovod defaults: (model, measure, label, bound).
 STEP_GOALS = [("resnet18", "train", "ResNet-18 training step", 1.05),
               ("thin", "train", "thin network (16 BN layers of 16 channels) training step", 1.15),
@@ -77,6 +81,20 @@ def verdict(ok):
     return "**met**" if ok else "**missed**"
 
 
+def permutation_twin(variant):
+    """The shuffle-<transport> variant an others-<transport> one is compared with (else None)."""
+    return "shuffle-" + variant[len("others-"):] if variant in OTHERS else None
+
+
+def packet_bytes(variant, c):
+    """Bytes of one layer's exchange packets per step, sent + received, forward + backward
+    (float64): shuffle: 2C+1 moved and 2C+5 summed forward, 2C moved back; others: 2C+5 summed
+    forward, 2C summed backward."""
+    if variant in OTHERS:
+        return 8 * ((2 * c + 5) * 2 + 2 * c * 2)
+    return 8 * ((2 * c + 1) * 2 + (2 * c + 5) * 2 + 2 * c * 2)
+
+
 # --- loading -------------------------------------------------------------------------------------
 
 def load(results):
@@ -108,6 +126,16 @@ def controls(runs):
 
 # --- sections ------------------------------------------------------------------------------------
 
+def measures_others(run):
+    """Whether a bench.py result has an others-* variant anywhere."""
+    names = set(run.get("micro", {}).get("samples", {}))
+    for model in run.get("macro", {}).values():
+        names |= set(model.get("train", {})) | set(model.get("keyfwd", {}))
+    for variants in run.get("bytes", {}).values():
+        names |= set(variants)
+    return bool(names & set(OTHERS))
+
+
 def machine_section(runs, manifest):
     meta = next(iter(runs.values()))["meta"]
     out = ["## Machine and commands\n",
@@ -115,7 +143,11 @@ def machine_section(runs, manifest):
            f"({meta['threads']} thread per rank), Horovod {meta['horovod']} "
            f"(MPI controller: {meta['mpi_enabled']}), Python {meta['python']}.",
            f"- ShuffleBatchNorm transports measured: {', '.join(meta['transports'])}; "
-           f"SyncBN baseline from examples/sync_batchnorm.py: {meta['syncbn']}.",
+           f"SyncBN baseline from examples/sync_batchnorm.py: {meta['syncbn']}. Modes: "
+           "`shuffle-<transport>` borrows the statistics of one other group (`borrow_from="
+           "\"permutation\"`, the default)" + (
+               "; `others-<transport>` those of all the other groups pooled (`borrow_from="
+               "\"others\"`)" if any(measures_others(r) for r in runs.values()) else "") + ".",
            "- Horovod defaults (0.28.1): HOROVOD_CYCLE_TIME 1 ms, HOROVOD_FUSION_THRESHOLD "
            "128 MiB, HOROVOD_CACHE_CAPACITY 1024; every run not in the sweep uses them.",
            "- Ranks oversubscribe 2 cores at 4 and 8 ranks; other jobs shared the machine "
@@ -152,11 +184,13 @@ def micro_section(main_runs):
                    f"{2 * c + 1} float64 to one rank and sums 2C+5 = {2 * c + 5} over all ranks, "
                    f"backward moves 2C = {2 * c} back. *floor* = the layer's whole pattern with "
                    "raw calls: the forward exchange (both collectives; Horovod: submitted together) "
-                   "plus the backward exchange.\n")
+                   "plus the backward exchange. *floor-others* = the pattern of "
+                   "`borrow_from=\"others\"` (`others-*`): the same sum of 2C+5 forward, a sum of "
+                   f"2C = {2 * c} backward, no move.\n")
         out.append(table(["op", "median (IQR)"], [[k, t_iqr(v)] for k, v in s.items()]))
         rows = []
-        for shuffle in SHUFFLES:
-            if shuffle not in s:
+        for shuffle in LAYERS:
+            if shuffle not in s or FLOOR[shuffle] not in s:
                 continue
             overhead = paired(s[shuffle], s["bn"], float.__sub__)
             floor = s[FLOOR[shuffle]]
@@ -164,9 +198,10 @@ def micro_section(main_runs):
             ratio = median(overhead) / median(floor)
             goals[(shuffle, ranks)] = (ratio, median(overhead), median(floor), median(in_situ))
             own = exchange = ["-"]
-            if "shuffle-local" in s:
-                own = paired(s["shuffle-local"], s["bn"], float.__sub__)
-                exchange = paired(s[shuffle], s["shuffle-local"], float.__sub__)
+            local = ("others-local" if shuffle in OTHERS else "shuffle-local")
+            if local in s:
+                own = paired(s[local], s["bn"], float.__sub__)
+                exchange = paired(s[shuffle], s[local], float.__sub__)
             rows.append([shuffle, t_iqr(s[shuffle]), t_iqr(s["bn"]), t_iqr(overhead), t_iqr(floor),
                          f"{ratio:.2f}", verdict(ratio <= 2), t_iqr(in_situ),
                          t_iqr(own) if own != ["-"] else "-",
@@ -183,7 +218,23 @@ def micro_section(main_runs):
                    "BatchNorm2d backward, its backward call, minus BatchNorm2d alone (paired): the "
                    "same waits for the partner rank that the layer has, without any of its code. "
                    "*local* = the layer's autograd Function with a transport that communicates "
-                   "nothing (`shuffle-local`): its own math and Python; *exchange* = the rest.\n")
+                   "nothing (`shuffle-local`; `others-local` for `others-*`): its own math and "
+                   "Python; *exchange* = the rest.\n")
+        rows = []
+        for others in OTHERS:
+            shuffle = permutation_twin(others)
+            if others in s and shuffle in s:
+                rows.append([others[len("others-"):],
+                             t_iqr(paired(s[others], s["bn"], float.__sub__)),
+                             t_iqr(paired(s[shuffle], s["bn"], float.__sub__)),
+                             t_iqr(paired(s[others], s[shuffle], float.__sub__)),
+                             r_iqr(paired(s[others], s[shuffle], float.__truediv__))])
+        if rows:
+            out.append("Borrowing from all the others (`others-*`) against one other group "
+                       "(`shuffle-*`), same transport, paired per round (< 1: others is "
+                       "cheaper):\n")
+            out.append(table(["transport", "others: overhead over BN", "shuffle: overhead over BN",
+                              "others - shuffle", "others / shuffle (layer time)"], rows))
     return "\n".join(out), goals
 
 
@@ -208,7 +259,7 @@ def memory_section(main_runs):
     if not micro:
         return "", {}
     c = micro["shape"][1]
-    packets = 8 * ((2 * c + 1) * 2 + (2 * c + 5) * 2 + 2 * c * 2)  # sent + received, fwd + bwd
+    packets = packet_bytes("shuffle-mpi", c)  # sent + received, fwd + bwd
     mem = micro["memory"]
     bn_new = mem["bn"]["new_bytes"]
     rows, goals = [], {}
@@ -216,13 +267,14 @@ def memory_section(main_runs):
         rows.append([name, " ".join("x".join(map(str, s)) or "scalar" for s in m["saved"]),
                      " ".join("x".join(map(str, s)) for s in m["new"]), size(m["new_bytes"]),
                      f"{m['new_bytes'] - bn_new:+d} B"])
-        if name in SHUFFLES:
-            goals[name] = (m["new_bytes"], bn_new, packets)
+        if name in LAYERS:
+            goals[name] = (m["new_bytes"], bn_new, packet_bytes(name, c))
     text = ["## Memory kept for backward (one layer)\n",
             "Tensors saved for backward (autograd saved-tensor hooks); *new* = not the input, a "
             "parameter or a buffer, i.e. memory that exists only because of the layer. The "
             f"exchange's packets are transient: {size(packets)} per layer and step at C = {c} "
-            "(float64; forward and backward, sent and received).\n",
+            "(float64; forward and backward, sent and received); "
+            f"{size(packet_bytes('others-mpi', c))} with `borrow_from=\"others\"`.\n",
             table(["layer", "saved tensors (shapes)", "new", "new bytes", "vs BatchNorm2d"], rows)]
     return "\n".join(text), goals
 
@@ -302,7 +354,7 @@ def macro_section(main_runs):
             m = r.get("macro", {}).get(model)
             if not m:
                 continue
-            for shuffle in SHUFFLES:
+            for shuffle in LAYERS:
                 for what in ("train", "keyfwd"):
                     if shuffle not in m[what]:
                         continue
@@ -314,9 +366,17 @@ def macro_section(main_runs):
                             cells.append(r_iqr(ratio))
                         else:
                             cells.append("-")
+                    twin = permutation_twin(shuffle)
+                    cells.append(r_iqr(paired(m[what][shuffle], m[what][twin], float.__truediv__))
+                                 if twin in m[what] else "-")
                     rows.append([ranks, shuffle, what] + cells)
         out.append(f"### {model}: ShuffleBatchNorm time / baseline time (< 1: ShuffleBatchNorm is ahead)\n")
-        out.append(table(["ranks", "layer", "measure"] + list(BASELINES), rows))
+        header = ["ranks", "layer", "measure"] + list(BASELINES)
+        if any(row[-1] != "-" for row in rows):  # an others-* variant was measured
+            header.append("shuffle-* (same transport)")
+        else:
+            rows = [row[:-1] for row in rows]
+        out.append(table(header, rows))
     return "\n".join(out), goals
 
 
@@ -370,22 +430,29 @@ def bytes_section(runs):
                     row.append(f"{size(sent)} / {size(received)}")
                     per_layer.append((sent, received))  # per step; per layer in the goals
                 base = bn_bytes(per_ranks[smallest][variant].get(what, {}))
+                if n_layers:  # what one layer costs a rank per step, at the smallest world
+                    sent, received = per_layer[0]
+                    row.append("-" if variant == "sample-shuffle" else  # per forward, not layer
+                               f"{size(sent / n_layers)} / {size(received / n_layers)}")
                 for p in WORLDS:
                     row.append(size(sum(wire(k, v["sent"], p) for k, v in base.items())))
                 goals[(model, variant, what)] = (sorted(per_ranks), per_layer, n_layers or 1)
                 rows.append(row)
         grads = per_ranks[smallest]["bn"]["train"].get("grad.allreduce", {"sent": 0})["sent"]
         rows.append(["(gradient allreduce, all)", "train"] + [size(grads)] * len(per_ranks)
+                    + ["-"] * bool(n_layers)
                     + [size(wire("hvd.allreduce", grads, p)) for p in WORLDS])
         header = (["variant", "measure"] + [f"{p} ranks: sent / received" for p in sorted(per_ranks)]
+                  + [f"per layer, {smallest} ranks"] * bool(n_layers)
                   + [f"wire, p={p}" for p in WORLDS])
         out.append(f"### {model} ({n_layers} BN layers)\n")
         out.append(table(header, rows))
     out.append("Small vectors are usually summed by recursive doubling rather than a ring "
                "(Open MPI picks it below a few KiB): log2(p) times the vector per rank, i.e. "
                f"x{math.log2(64):.0f} at 64 ranks and x{math.log2(512):.0f} at 512 instead of "
-               "<= x2. That applies to the 2C+5-value allreduce of ShuffleBatchNorm and to both "
-               "allreduces of SyncBN alike.\n")
+               "<= x2. That applies to the 2C+5-value allreduce of ShuffleBatchNorm, to both "
+               "allreduces of `borrow_from=\"others\"` (`others-*`: 2C+5 values forward, 2C "
+               "backward, no point-to-point move) and to both allreduces of SyncBN alike.\n")
     return "\n".join(out), goals
 
 
@@ -450,7 +517,7 @@ def goals_section(micro_goals, macro_goals, bytes_goals, memory_goals, host_goal
                      f"{t(overhead)} vs floor {t(floor)}: {ratio:.2f}x (raw calls around a BN: "
                      f"{t(in_situ)}, {overhead / in_situ:.2f}x that)", verdict(ratio <= 2)])
     for model, what, label, bound in STEP_GOALS:
-        for shuffle in SHUFFLES:
+        for shuffle in LAYERS:
             ratio = macro_goals.get((model, what, shuffle, 2))
             if ratio:
                 rows.append([f"{label} within {bound:.2f}x of BN, {shuffle}, 2 ranks",
@@ -466,7 +533,7 @@ def goals_section(micro_goals, macro_goals, bytes_goals, memory_goals, host_goal
                      ", ".join(f"{r:.2f}x {base}'s time" for base, r in ratios),
                      verdict(all(r < 1 for _, r in ratios))])
     for (model, variant, what), (worlds, per_step, n_layers) in sorted(bytes_goals.items()):
-        if variant in SHUFFLES:
+        if variant in LAYERS:
             constant = len(set(per_step)) == 1
             sent, received = per_step[0]
             rows.append([f"bytes per rank per layer constant in world size: {model} {variant} {what}",
@@ -493,21 +560,22 @@ def chart(path, micro_goals, macro_goals, sweep_data):
         return False
     fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
     ax = axes[0]
-    labels = sorted(micro_goals, key=lambda k: (k[1], k[0]))
+    labels = sorted(micro_goals, key=lambda k: (k[1], LAYERS.index(k[0])))
     x = np.arange(len(labels))
     ax.bar(x - 0.2, [micro_goals[k][1] * 1e6 for k in labels], 0.4, label="layer overhead")
     ax.bar(x + 0.2, [micro_goals[k][2] * 1e6 for k in labels], 0.4, label="raw floor")
     ax.scatter(x, [2 * micro_goals[k][2] * 1e6 for k in labels], marker="_", s=900, color="k",
                label="goal: 2x raw floor")
-    ax.set_xticks(x, [f"{k[0][8:]}\n{k[1]} ranks" for k in labels])
-    ax.set_yscale("log")
+    ax.set_xticks(x, [f"{k[0]}\n{k[1]} ranks" for k in labels], fontsize=7)
+    if any(micro_goals[k][i] > 0 for k in labels for i in (1, 2)):
+        ax.set_yscale("log")  # (not without a positive value: no micro run, or all noise)
     ax.set_ylabel("µs per layer fwd+bwd (median)")
     ax.set_title("Per-layer exchange overhead vs raw floor")
     ax.legend(loc="lower left", fontsize=8)
 
     ax = axes[1]
     groups = sorted({(k[0], k[3]) for k in macro_goals if len(k) == 4 and k[1] == "train"})
-    variants = [v for v in ("shuffle-horovod", "shuffle-mpi", "syncbn", "original")
+    variants = [v for v in LAYERS + ("syncbn", "original")
                 if any(len(k) == 4 and k[2] == v for k in macro_goals)]
     width = 0.8 / max(1, len(variants))
     for i, v in enumerate(variants):
