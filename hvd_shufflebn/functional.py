@@ -14,6 +14,9 @@ m, v: per-channel mean and biased variance; s = 1/sqrt(v + eps); M: values per c
                                         c_u = -s_u (w A_t) / M_u - m_u * b_u
               to its direct term w s_{p[u]} dy_u (ATen's batch-norm backward gives that term
               together with A and B s in one kernel per group).
+
+With borrow_from="others" the borrowed statistics are the pooled ones of all groups but t, and
+the correction comes from one sum over all groups instead of the lenders (pooled.py).
 """
 import functools
 import math
