@@ -184,3 +184,22 @@ def test_a_group_without_values_is_the_same_clear_error():
     layer = pooled_layer(k=3)
     with pytest.raises(ShuffleBatchNormError, match="more than 1 value per channel in each"):
         layer(torch.randn(2, 3, dtype=torch.float64))
+
+
+def test_two_groups_are_the_shuffled_layer():
+    """With two groups the pool of the one is the other: the same function as the swap, in
+    forward, backward and running statistics (a cross-check of two independent code paths)."""
+    torch.manual_seed(3)
+    x = torch.randn(7, 3, 4, dtype=torch.float64)
+    dy = torch.randn_like(x)
+    results = []
+    for kwargs in (dict(borrow_from="others"), dict(permutation=[1, 0])):
+        layer = ShuffleBatchNorm(3, groups_per_rank=2, dtype=torch.float64, **kwargs)
+        with torch.no_grad():
+            layer.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        y.backward(dy)
+        results.append([y, xi.grad, layer.weight.grad, layer.bias.grad, layer.running_var])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, **TIGHT)
