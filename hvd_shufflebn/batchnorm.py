@@ -91,8 +91,6 @@ class ShuffleBatchNorm(_BatchNorm):
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
                          device=device, dtype=dtype)
         self.permutation = permutation
-        if borrow_from not in BORROW_FROM:
-            raise ValueError(f"borrow_from must be one of {BORROW_FROM}, got {borrow_from!r}")
         self.borrow_from = borrow_from
         if isinstance(groups_per_rank, bool) or not isinstance(groups_per_rank, int) \
                 or groups_per_rank < 1:
@@ -129,6 +127,18 @@ class ShuffleBatchNorm(_BatchNorm):
     @permutation.setter
     def permutation(self, spec: perms.PermutationSpec) -> None:
         self._permutation = perms.check_spec(spec)  # sequences become tuples: plans are cached
+
+    @property
+    def borrow_from(self) -> str:
+        """"permutation" (one lending group, chosen by ``permutation``) or "others" (the pooled
+        statistics of all groups but the borrower)."""
+        return self._borrow_from
+
+    @borrow_from.setter
+    def borrow_from(self, value: str) -> None:
+        if value not in BORROW_FROM:
+            raise ValueError(f"borrow_from must be one of {BORROW_FROM}, got {value!r}")
+        self._borrow_from = value
 
     @property
     def step(self) -> int:
@@ -344,7 +354,7 @@ class ShuffleBatchNorm(_BatchNorm):
 
     def __setstate__(self, state):
         state.setdefault("groups_per_rank", 1)
-        state.setdefault("borrow_from", "permutation")
+        state.setdefault("_borrow_from", "permutation")
         if "permutation" in state:  # pickled before the spec became a property
             state["_permutation"] = perms.check_spec(state.pop("permutation"))
         state.setdefault("process_group", None)

@@ -165,6 +165,8 @@ def test_key_encoder_forward_without_grad():
 def test_option_is_checked_converted_shown_and_kept():
     with pytest.raises(ValueError, match="borrow_from must be one of"):
         ShuffleBatchNorm(3, borrow_from="other")
+    with pytest.raises(ValueError, match="borrow_from must be one of"):
+        ShuffleBatchNorm(3).borrow_from = "all"
     model = convert_shuffle_batchnorm(nn.Sequential(nn.Conv2d(2, 3, 1), nn.BatchNorm2d(3)),
                                       borrow_from="others", groups_per_rank=2)
     layer = model[1]
@@ -174,7 +176,7 @@ def test_option_is_checked_converted_shown_and_kept():
         assert twin.borrow_from == "others"
     # A layer pickled before the option existed loads as the shuffled kind.
     state = ShuffleBatchNorm(3).__getstate__()
-    del state["borrow_from"]
+    del state["_borrow_from"]
     old = ShuffleBatchNorm.__new__(ShuffleBatchNorm)
     old.__setstate__(state)
     assert old.borrow_from == "permutation"
