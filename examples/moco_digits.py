@@ -7,8 +7,10 @@ chosen with --bn:
   plain    per-rank BatchNorm, the baseline MoCo calls "cheating" (query and positive key
            share the statistics of the same small batch, which leaks into the logits)
   sync     statistics of the global batch, via examples/sync_batchnorm.py
-  others   (--simulate-ranks only) rank r normalises with the pooled statistics of all the
-           OTHER ranks' batches: no leak, and a lender R-1 times larger than shuffle's
+  others   convert_shuffle_batchnorm(..., borrow_from="others"): rank r normalises with the
+           pooled statistics of all the OTHER ranks' batches: no leak, and a lender R-1 times
+           larger than shuffle's (with --groups k: group g with those of all groups but g, on
+           its own rank and on the others)
 
 Each epoch rank 0 reports the pretext (InfoNCE) loss, the pretext accuracy (is the positive
 key ranked first among positive + queue) and the weighted k-NN accuracy of the frozen query
@@ -19,10 +21,13 @@ with raw pixels and the untrained encoder as references, and writes everything t
 --simulate-ranks R runs the same math in ONE process without Horovod: the process holds all R
 ranks' batches (the same shards and augmentation generators as R real ranks), the query
 encoder normalises each rank's slice separately, and the gradient is the mean over ranks of the
-per-rank mean losses, which is what Horovod's DistributedOptimizer averaging gives.
+per-rank mean losses, which is what Horovod's DistributedOptimizer averaging gives. The shuffle
+and others key encoders are then the same ShuffleBatchNorm layer with transport="local" and
+groups_per_rank=R (R*k with --groups k): R ranks' groups in one process.
 
     .venv/bin/horovodrun -np 8 .venv/bin/python examples/moco_digits.py --bn shuffle
     .venv/bin/horovodrun -np 2 .venv/bin/python examples/moco_digits.py --quick --bn plain
+    .venv/bin/horovodrun -np 8 .venv/bin/python examples/moco_digits.py --bn others --batch-size 8
     .venv/bin/python examples/moco_digits.py --simulate-ranks 8 --bn shuffle --groups 2
 """
 import argparse
@@ -59,7 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--bn", choices=["shuffle", "plain", "sync", "others"], default="shuffle",
                    help="normalisation of the key encoder (default: shuffle)")
     p.add_argument("--groups", type=int, default=1,
-                   help="shuffle only: groups_per_rank of the layer (default 1)")
+                   help="shuffle and others: groups_per_rank of the layer (default 1)")
     p.add_argument("--simulate-ranks", type=int, default=0, metavar="R",
                    help="one process, no Horovod, holding R ranks' batches (same math)")
     p.add_argument("--epochs", type=int, default=None, help="default 100, or 20 with --quick")
@@ -84,10 +89,12 @@ def parse_args(argv=None):
         args.epochs = 20 if args.quick else 100
     if args.train_size is None and args.quick:
         args.train_size = QUICK_TRAIN
-    if args.bn == "others" and not args.simulate_ranks:
-        p.error("--bn others exists only with --simulate-ranks")
-    if args.groups != 1 and args.bn != "shuffle":
-        p.error("--groups applies to --bn shuffle only")
+    if args.groups < 1:
+        p.error("--groups must be >= 1")
+    if args.groups != 1 and args.bn not in ("shuffle", "others"):
+        p.error("--groups applies to --bn shuffle and --bn others only")
+    if args.bn == "others" and args.simulate_ranks == 1 and args.groups == 1:
+        p.error("--bn others needs at least 2 groups: --simulate-ranks 2 or more, or --groups")
     return args
 
 
@@ -174,25 +181,6 @@ class PerRankBatchNorm2d(nn.BatchNorm2d):
                           for r, chunk in enumerate(x.chunk(self.ranks))])
 
 
-class OthersBatchNorm2d(nn.BatchNorm2d):
-    """Simulated ranks, key encoder only (no backward, no running statistics): slice r is
-    normalised with the mean and biased variance of the union of all OTHER slices."""
-    ranks = 2
-
-    def forward(self, x):
-        chunks = x.double().chunk(self.ranks)
-        s1 = torch.stack([c.sum((0, 2, 3)) for c in chunks])        # (R, C)
-        s2 = torch.stack([(c * c).sum((0, 2, 3)) for c in chunks])
-        n = torch.tensor([c[:, 0].numel() for c in chunks], dtype=torch.float64)
-        n_o = n.sum() - n
-        mean = (s1.sum(0) - s1) / n_o[:, None]
-        var = (s2.sum(0) - s2) / n_o[:, None] - mean ** 2
-        out = [(c - m[None, :, None, None]) / torch.sqrt(v[None, :, None, None] + self.eps)
-               for c, m, v in zip(chunks, mean, var)]
-        w, b = self.weight[None, :, None, None], self.bias[None, :, None, None]
-        return torch.cat(out).to(x.dtype) * w + b
-
-
 def replace_batchnorm(module, cls, ranks):
     """Swap every nn.BatchNorm2d for `cls` (same parameters and buffers, same tensors)."""
     for m in module.modules():
@@ -204,20 +192,21 @@ def replace_batchnorm(module, cls, ranks):
 
 def make_key_encoder(query_encoder, bn, seed, groups=1, simulate_ranks=0):
     key = copy.deepcopy(query_encoder)
-    if bn == "shuffle":
+    if bn in ("shuffle", "others"):
         from hvd_shufflebn import convert_shuffle_batchnorm
+        borrow_from = "others" if bn == "others" else "permutation"
         if simulate_ranks:  # R ranks of k groups = R*k groups of one batch, in rank order
-            key = convert_shuffle_batchnorm(key, seed=seed, transport="local",
+            key = convert_shuffle_batchnorm(key, seed=seed, borrow_from=borrow_from,
+                                            transport="local",
                                             groups_per_rank=simulate_ranks * groups)
         else:
-            key = convert_shuffle_batchnorm(key, seed=seed, groups_per_rank=groups)
+            key = convert_shuffle_batchnorm(key, seed=seed, borrow_from=borrow_from,
+                                            groups_per_rank=groups)
     elif bn == "sync" and not simulate_ranks:
         from sync_batchnorm import convert_sync_batchnorm
         key = convert_sync_batchnorm(key)
     elif bn == "plain" and simulate_ranks:
         replace_batchnorm(key, PerRankBatchNorm2d, simulate_ranks)
-    elif bn == "others":
-        replace_batchnorm(key, OthersBatchNorm2d, simulate_ranks)
     # (sync with simulated ranks: ordinary BatchNorm over the whole global batch)
     for p in key.parameters():
         p.requires_grad_(False)  # updated only as a moving average of the query encoder
@@ -232,9 +221,24 @@ def momentum_update(key, query, m):
         pk.mul_(m).add_(pq.detach(), alpha=1 - m)
 
 
+def describe_key_norms(key_encoder):
+    """The key encoder's normalisation layers, e.g. "4 x ShuffleBatchNorm(borrow_from='others',
+    groups_per_rank=1, transport='auto')" (what --bn made of them)."""
+    kinds = []
+    for m in key_encoder.modules():
+        if isinstance(m, _BatchNorm):
+            kind = type(m).__name__
+            if hasattr(m, "borrow_from"):
+                kind += (f"(borrow_from={m.borrow_from!r}, groups_per_rank={m.groups_per_rank}, "
+                         f"transport={m.transport!r})")
+            kinds.append(kind)
+    return ", ".join(f"{kinds.count(k)} x {k}" for k in dict.fromkeys(kinds))
+
+
 def report_first_step(key_encoder, bn):
     """On the first key forward, print per rank the own batch mean at the first BN layer and
-    the mean that layer normalised with (rank p[r]'s mean in shuffle mode)."""
+    the mean that layer normalised with (rank p[r]'s mean in shuffle mode, the pooled mean of
+    all other ranks in others mode)."""
     layer = next(m for m in key_encoder.modules()
                  if isinstance(m, _BatchNorm) or hasattr(m, "last_permutation"))
     rank = hvd.rank()
@@ -262,6 +266,26 @@ def report_first_step(key_encoder, bn):
                 f"(max |output mean - expected from rank {src}'s stats| = {gap:.1e})")
         elif bn == "shuffle":
             say(f"rank {rank}: groups p = {module.last_permutation}")
+        elif bn == "others" and module.groups_per_rank == 1:
+            # The float64 reference from every rank's input: rank r's batch normalised with the
+            # mean and biased variance of the union of all the other ranks' batches.
+            xs = hvd.allgather(x.detach().double().contiguous(), name="first_step_inputs")
+            chunks = xs.split(hvd.allgather(torch.tensor([len(x)]), name="first_step_n").tolist())
+            others = torch.cat([c for q, c in enumerate(chunks) if q != rank])
+            used = others.mean(dims)
+            used_var = others.var(dims, unbiased=False)
+            shape = [1, -1] + [1] * (x.dim() - 2)
+            expected = ((x.double() - used.view(shape)) / torch.sqrt(used_var.view(shape)
+                                                                     + module.eps)
+                        * module.weight.double().view(shape) + module.bias.double().view(shape))
+            gap = (output.double() - expected).abs().max().item()
+            say(f"rank {rank}: own mean[0:3]={fmt(own_mean)} normalised with the pooled "
+                f"mean[0:3]={fmt(used)} of the {len(chunks) - 1} other ranks; output mean[0:3]="
+                f"{fmt(out_mean)} (max |output - float64 reference from the other ranks' "
+                f"inputs| = {gap:.1e})")
+        elif bn == "others":
+            say(f"rank {rank}: each of {module.groups_per_rank} groups normalised with the "
+                f"pooled statistics of all other groups; output mean[0:3]={fmt(out_mean)}")
         else:
             used = means.mean(0) if bn == "sync" else own_mean
             say(f"rank {rank}: own mean[0:3]={fmt(own_mean)} ({bn} BN: normalised with "
@@ -487,6 +511,7 @@ def train(args, log=say, progress=True):
             f"{len(data[3])} test digits, {steps_per_epoch} steps/epoch; "
             f"k-NN acc: raw pixels {record['knn_raw_pixels']:.3f}, "
             f"untrained encoder {record['epochs'][0]['knn_acc']:.3f}")
+        log(f"key encoder normalisation: {describe_key_norms(key)}")
 
     if sim:
         record_first_step(key, sim, record)

@@ -8,6 +8,12 @@ nearest centroid, linear probe) against images per rank, one line per key-encode
 error bars = sd over seeds; references (raw pixels, untrained encoder) as horizontal lines; and
 how far the statistics a rank could borrow are from its own, against images per rank. Prints
 Markdown tables (mean ± sd over seeds) and writes one CSV row per size x mode.
+
+With --compare, no figure: a table of the sweep's final metrics against another sweep's for
+the same sizes and modes (e.g. real horovodrun ranks against simulated ones):
+
+    .venv/bin/python examples/plot_moco_sweep.py docs/moco_others_real.json \
+        --compare docs/moco_sweep.json
 """
 import argparse
 import csv
@@ -157,14 +163,49 @@ def write_csv(runs, cells, path):
                         f"{v:.4f}" for m, _ in METRICS for v in mean_sd(c[m])])
 
 
+def compare(runs, reference):
+    """Markdown: per size and mode of `runs`, each final metric as mean ± sd over seeds for
+    `runs` and for `reference`, the difference of the means, and whether it is within the seed
+    spread (|difference| <= the root mean square of the two sds over seeds)."""
+    metrics = [m for m, _ in METRICS] + ["loss"]
+    names = {"pretext_acc": "pretext acc", "knn_acc": "k-NN", "1shot": "1-shot",
+             "5shot": "5-shot", "linear": "linear (10/class)", "loss": "loss"}
+    lines = ["| images per rank | mode | metric | this sweep | reference | difference | "
+             "within seed spread |", "|---|---|---|---|---|---|---|"]
+    verdicts = []
+    for size, mode in sorted({(r["images_per_rank"], r["mode"]) for r in runs}):
+        mine = [r for r in runs if (r["images_per_rank"], r["mode"]) == (size, mode)]
+        ref = [r for r in reference if (r["images_per_rank"], r["mode"]) == (size, mode)]
+        if not ref:
+            continue
+        for metric in metrics:
+            (m1, s1), (m2, s2) = (mean_sd([value(r["final"], metric) for r in rs])
+                                  for rs in (mine, ref))
+            spread = ((s1 ** 2 + s2 ** 2) / 2) ** 0.5
+            within = abs(m1 - m2) <= spread
+            verdicts.append(within)
+            seeds = f" ({len(mine)} / {len(ref)} seeds)" if metric == metrics[0] else ""
+            lines.append(f"| {size} | {mode}{seeds} | {names[metric]} | {m1:.3f} ± {s1:.3f} | "
+                         f"{m2:.3f} ± {s2:.3f} | {m1 - m2:+.3f} | "
+                         f"{'yes' if within else 'no'} ({abs(m1 - m2) / spread:.1f} sd) |")
+    lines.append(f"\n{sum(verdicts)} of {len(verdicts)} differences within the seed spread")
+    return "\n".join(lines)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("sweep", help="JSON written by moco_sweep.py")
     p.add_argument("--png", default="docs/moco_sweep.png")
     p.add_argument("--csv", help="one row per size x mode: mean and sd over seeds")
+    p.add_argument("--compare", metavar="REFERENCE_JSON",
+                   help="only print a table of the final metrics against this sweep's")
     args = p.parse_args()
     with open(args.sweep) as f:
         runs = json.load(f)["runs"]
+    if args.compare:
+        with open(args.compare) as f:
+            print(compare(runs, json.load(f)["runs"]))
+        return
     cells, dist = summarise(runs), distances(runs)
     plot(runs, cells, dist, args.png)
     if args.csv:

@@ -79,6 +79,8 @@ class MPITransport(Transport):
 
     def _wait(self, requests, context, waiting_for):
         from mpi4py import MPI
+        if not requests:  # nothing to wait for (a pooled layer moves no rows)
+            return
         if MPI.Is_finalized():  # Horovod shut MPI down: another rank finished or failed
             raise ShuffleBatchNormError(
                 f"ShuffleBatchNorm {context.layer!r}, step {context.step}, {context.phase}: MPI "
