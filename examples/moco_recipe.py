@@ -79,7 +79,7 @@ def two_views(images, gen):
     return view(), view()
 
 
-def check(run, encoder_q, encoder_k, losses):
+def check(run, encoder_q, encoder_k, losses, borrow_from):
     """What the recipe promises, checked on this rank; returns the problems found."""
     problems = [] if all(map(math.isfinite, losses)) else ["non-finite loss"]
     shuffled = [m for m in encoder_k.modules() if isinstance(m, ShuffleBatchNorm)]
@@ -87,6 +87,8 @@ def check(run, encoder_q, encoder_k, losses):
         problems.append("the key encoder, and only it, must have ShuffleBatchNorm layers")
     for m in shuffled:
         p = m.last_permutation
+        if m.borrow_from != borrow_from:
+            problems.append(f"a layer borrows from {m.borrow_from!r}, not {borrow_from!r}")
         if m.borrow_from == "others" and p is not None:
             problems.append("a layer borrowing from all the others used a permutation")
         if m.borrow_from != "others" and (p is None or any(g == u for g, u in enumerate(p))):
@@ -169,7 +171,7 @@ def main():
         if run.rank == 0 and (step % args.print_every == 0 or step == args.steps):
             say(f"step {step}/{args.steps}: loss {losses[-1]:.4f}")
 
-    problems = check(run, encoder_q, encoder_k, losses)
+    problems = check(run, encoder_q, encoder_k, losses, args.borrow_from)
     say(f"{'FAIL' if problems else 'PASS'} recipe {launcher} rank {run.rank}"
         + "".join(f"; {problem}" for problem in problems))
     if launcher == "torch":

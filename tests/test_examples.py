@@ -179,8 +179,10 @@ def assert_recipe_passed(done, launcher, ranks):
 @pytest.mark.parametrize("launcher", ["torchrun", "horovodrun-gloo"])
 def test_moco_recipe_under_launcher(launcher):
     """The recipe's script, unchanged, under DDP and Horovod (Gloo: the horovod transport; the
-    mpi transport's path is the demo's); --launcher auto finds which from the environment."""
-    done = run(launcher, 2, RECIPE, "--steps", "4", timeout=60)
+    mpi transport's path is the demo's); --launcher auto finds which from the environment.
+    Under DDP the key encoder borrows from all the others (the recipe's one-keyword variant)."""
+    extra = ["--borrow-from", "others"] if launcher == "torchrun" else []
+    done = run(launcher, 2, RECIPE, "--steps", "4", *extra, timeout=60)
     assert_recipe_passed(done, "torch" if launcher == "torchrun" else "horovod", 2)
 
 
