@@ -277,39 +277,16 @@ def section(network):
                "one rank per NIC (a flat network) and the nominal bandwidth, at that latency and "
                f"at a datacenter NIC's {t(DATACENTER_LATENCY)}; the software overheads stay "
                "this machine's (pessimistic where each rank has its own core).\n")
-    by_key = {(r["latency"], r["rate_gbit"], r["ranks"], r["variant"]): r for r in rows}
-    predicted_rows = []
-    for latency, alpha in latencies(model).items():
-        for rate in PREDICT_RATES:
-            for p in PREDICT_RANKS:
-                cells = [f"{latency} ({t(alpha)})", f"{rate} Gbit/s", str(p)]
-                for v in VARIANTS:
-                    r = by_key[(latency, rate, p, v)]
-                    cells.append(f"{size(r['bytes'])} / {t(r['seconds'])}")
-                predicted_rows.append(cells)
     out.append("Predicted per key-encoder forward, ResNet-50 (53 BN layers), 224 px, 32 images per "
-               "rank (bytes received per rank / communication time):\n\n" + table(
-                   ["latency", "link", "ranks"] + [f"{v}: bytes / time" for v in VARIANTS],
-                   predicted_rows))
-    steps = step_predictions(model)
-    by_key = {(r["latency"], r["rate_gbit"], r["ranks"], r["variant"]): r for r in steps}
-    step_rows = []
-    for latency, alpha in latencies(model).items():
-        for rate in PREDICT_RATES:
-            for p in PREDICT_RANKS:
-                cells = [f"{latency} ({t(alpha)})", f"{rate} Gbit/s", str(p)]
-                for v in STEP_VARIANTS:
-                    r = by_key[(latency, rate, p, v)]
-                    cells.append(f"{size(r['bytes'])} / {t(r['seconds'])}")
-                step_rows.append(cells)
+               "rank (bytes received per rank / communication time):\n\n"
+               + _prediction_table(model, rows, VARIANTS))
     out.append("Predicted per training step, ResNet-50, the BN layers' exchanges only (forward + "
                "backward; the gradient allreduce, the same for all, left out): bytes received "
                "per rank / communication time. In the backward SyncBN sums 2C float32 and "
                "`others-*` sums 2C float64 over all ranks (ceil(log2 p) messages), where "
                "`shuffle-*` sends one row of 2C float64 to one rank (one message); each exchange "
-               "costs the fitted per-layer overhead again.\n\n" + table(
-                   ["latency", "link", "ranks"] + [f"{v}: bytes / time" for v in STEP_VARIANTS],
-                   step_rows))
+               "costs the fitted per-layer overhead again.\n\n"
+               + _prediction_table(model, step_predictions(model), STEP_VARIANTS))
     out.append(wire_table())
     return "\n".join(out), model, rows
 
@@ -320,6 +297,21 @@ def wire_only(p, channels, alpha, beta):
     return {v: (network_seconds(v, p, 0, 0, channels, alpha, beta),
                 network_seconds(v, p, 0, 0, channels, alpha, beta)
                 + backward_network_seconds(v, p, channels, alpha, beta)) for v in STEP_VARIANTS}
+
+
+def _prediction_table(model, rows, variants):
+    """One line per latency, rate and rank count; a "bytes / time" cell per variant."""
+    by_key = {(r["latency"], r["rate_gbit"], r["ranks"], r["variant"]): r for r in rows}
+    lines = []
+    for latency, alpha in latencies(model).items():
+        for rate in PREDICT_RATES:
+            for p in PREDICT_RANKS:
+                cells = [f"{latency} ({t(alpha)})", f"{rate} Gbit/s", str(p)]
+                for v in variants:
+                    r = by_key[(latency, rate, p, v)]
+                    cells.append(f"{size(r['bytes'])} / {t(r['seconds'])}")
+                lines.append(cells)
+    return table(["latency", "link", "ranks"] + [f"{v}: bytes / time" for v in variants], lines)
 
 
 def wire_table(rate=25):

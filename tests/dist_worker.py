@@ -565,6 +565,24 @@ def case_deepcopy_and_whole_model_save():
         close(y, ref_y[RANK], torch.float64, f"output of model {i} (original, deepcopy, loaded)")
 
 
+def check_groups_step(layer, x, dy, y, before, perm, k, what):
+    """One float64 training step of a layer with ``k`` groups per rank (momentum 0.3), against
+    the reference for ``perm`` (a permutation every rank must agree on, or "others")."""
+    everyone = gather(dict(x=x.detach(), dy=dy, w=layer.weight.detach(), b=layer.bias.detach(),
+                           perm=perm))
+    assert all(e["perm"] == perm for e in everyone)
+    ys, dxs, dws, dbs = reference_groups(
+        [e["x"] for e in everyone], [e["dy"] for e in everyone],
+        [e["w"] for e in everyone], [e["b"] for e in everyone], perm, layer.eps, k)
+    close(y, ys[RANK], torch.float64, f"output, {what}")
+    close(x.grad, dxs[RANK], torch.float64, f"input gradient, {what}")
+    close(layer.weight.grad, dws[RANK], torch.float64, f"weight gradient, {what}")
+    close(layer.bias.grad, dbs[RANK], torch.float64, f"bias gradient, {what}")
+    mean, var = reference_running([e["x"] for e in everyone], before[0], before[1], 0.3)
+    close(layer.running_mean, mean, torch.float64, f"running_mean, {what}")
+    close(layer.running_var, var, torch.float64, f"running_var, {what}")
+
+
 def case_groups():
     """groups_per_rank=k: every rank's batch in k contiguous groups, the permutation over all
     size * k groups; uneven batches and groups; a lender on the same rank or another."""
@@ -594,20 +612,8 @@ def case_groups():
             assert len(perm) == SIZE * k, perm
             if channels_last:
                 assert y.is_contiguous(memory_format=torch.channels_last)
-            everyone = gather(dict(x=x.detach(), dy=dy, w=layer.weight.detach(),
-                                   b=layer.bias.detach(), perm=perm))
-            assert all(e["perm"] == perm for e in everyone)
-            ys, dxs, dws, dbs = reference_groups(
-                [e["x"] for e in everyone], [e["dy"] for e in everyone],
-                [e["w"] for e in everyone], [e["b"] for e in everyone], perm, layer.eps, k)
-            what = f"groups_per_rank={k}, permutation={spec}, step {step}"
-            close(y, ys[RANK], torch.float64, f"output, {what}")
-            close(x.grad, dxs[RANK], torch.float64, f"input gradient, {what}")
-            close(layer.weight.grad, dws[RANK], torch.float64, f"weight gradient, {what}")
-            close(layer.bias.grad, dbs[RANK], torch.float64, f"bias gradient, {what}")
-            mean, var = reference_running([e["x"] for e in everyone], before[0], before[1], 0.3)
-            close(layer.running_mean, mean, torch.float64, f"running_mean, {what}")
-            close(layer.running_var, var, torch.float64, f"running_var, {what}")
+            check_groups_step(layer, x, dy, y, before, perm, k,
+                              f"groups_per_rank={k}, permutation={spec}, step {step}")
         if spec == "derangement" and SIZE * k > 2:
             assert len({tuple(p) for p in [perm]}) == 1
     # A group with fewer than 2 values per channel on one rank: the same error everywhere.
@@ -648,19 +654,8 @@ def case_others():
             layer.weight.grad = layer.bias.grad = None
             y = layer(x) if step == 0 else checkpoint(layer, x, use_reentrant=step == 2)
             y.backward(dy)
-            everyone = gather(dict(x=x.detach(), dy=dy, w=layer.weight.detach(),
-                                   b=layer.bias.detach()))
-            ys, dxs, dws, dbs = reference_groups(
-                [e["x"] for e in everyone], [e["dy"] for e in everyone],
-                [e["w"] for e in everyone], [e["b"] for e in everyone], "others", layer.eps, k)
-            what = f"borrow_from='others', groups_per_rank={k}, step {step}"
-            close(y, ys[RANK], torch.float64, f"output, {what}")
-            close(x.grad, dxs[RANK], torch.float64, f"input gradient, {what}")
-            close(layer.weight.grad, dws[RANK], torch.float64, f"weight gradient, {what}")
-            close(layer.bias.grad, dbs[RANK], torch.float64, f"bias gradient, {what}")
-            mean, var = reference_running([e["x"] for e in everyone], before[0], before[1], 0.3)
-            close(layer.running_mean, mean, torch.float64, f"running_mean, {what}")
-            close(layer.running_var, var, torch.float64, f"running_var, {what}")
+            check_groups_step(layer, x, dy, y, before, "others", k,
+                              f"borrow_from='others', groups_per_rank={k}, step {step}")
         assert layer.step == 3, layer.step
 
     # Several forwards before one backward, then a key-encoder forward.
