@@ -195,13 +195,10 @@ def make_key_encoder(query_encoder, bn, seed, groups=1, simulate_ranks=0):
     if bn in ("shuffle", "others"):
         from hvd_shufflebn import convert_shuffle_batchnorm
         borrow_from = "others" if bn == "others" else "permutation"
-        if simulate_ranks:  # R ranks of k groups = R*k groups of one batch, in rank order
-            key = convert_shuffle_batchnorm(key, seed=seed, borrow_from=borrow_from,
-                                            transport="local",
-                                            groups_per_rank=simulate_ranks * groups)
-        else:
-            key = convert_shuffle_batchnorm(key, seed=seed, borrow_from=borrow_from,
-                                            groups_per_rank=groups)
+        # Simulated: R ranks of k groups = R*k groups of one batch, in rank order.
+        where = (dict(transport="local", groups_per_rank=simulate_ranks * groups)
+                 if simulate_ranks else dict(groups_per_rank=groups))
+        key = convert_shuffle_batchnorm(key, seed=seed, borrow_from=borrow_from, **where)
     elif bn == "sync" and not simulate_ranks:
         from sync_batchnorm import convert_sync_batchnorm
         key = convert_sync_batchnorm(key)
