@@ -19,11 +19,9 @@ from . import permutation as perms
 from .errors import ShuffleBatchNormError
 from .exchange import RouteBack, borrow_across_ranks, borrow_locally, make_report
 from .functional import (Borrowed, ShuffleBatchNormFunction, accumulation_dtype,
-                         group_statistics, input_error, normalise, shape_error, split_groups,
-                         values_per_sample)
+                         group_statistics, Groups, groups_of, normalise, shape_error, split_groups)
 from .plan import POOLED, fingerprint, layer_key, plan_for
 from .pooled import SumBack, borrow_pooled
-from .routing import group_sizes
 from .transports import TRANSPORTS, make_transport
 from .waits import WaitContext, resolve_timeout
 
@@ -230,13 +228,17 @@ class ShuffleBatchNorm(_BatchNorm):
         pooled = self.borrow_from == "others"
         plan = POOLED if pooled else plan_for(self.permutation, self.seed, step,
                                               transport.size * k, transport.rank, k)
-        error = plan.error or input_error(input, self.num_features, k)
+        groups = groups_of(input.shape, input.dtype, self.num_features, k)
+        error = plan.error or groups.error
+        if error is not None:  # nothing of this input counts; the forward only reports
+            groups = Groups(error, (0,) * k, (0,) * k)
         if error is not None and transport.size == 1:
             raise ShuffleBatchNormError(f"ShuffleBatchNorm {self.name!r}: {error}")
         needs_grad = input.requires_grad and torch.is_grad_enabled()
         acc = accumulation_dtype(input.dtype) if input.is_floating_point() else torch.float32
         with torch.no_grad():  # constants to autograd: the Function knows their gradient
-            sizes, counts, chunks, means, variances = self._statistics(input, acc, error)
+            sizes, counts = groups.sizes, groups.counts
+            chunks, means, variances = self._statistics(input, acc, error, sizes)
             header = report = context = pool_counts = None
             if transport.size > 1:
                 context = WaitContext(self.name, step, "forward", self.timeout)
@@ -273,22 +275,21 @@ class ShuffleBatchNorm(_BatchNorm):
     def _route_back(self, transport, plan, step):
         """Where the gradient of the borrowed statistics goes in backward: back to the lending
         groups (shuffled), or into one sum over all ranks (pooled)."""
-        context = WaitContext(self.name, step, "backward", self.timeout)
+        context = None if transport.size == 1 else WaitContext(self.name, step, "backward",
+                                                               self.timeout)
         if plan.perm is None:
             return SumBack(transport, self.name, context)
         return RouteBack(transport, self, plan, context)
 
-    def _statistics(self, input, acc, error):
-        """Per group: sizes, values per channel, the input's views, means and variances."""
-        k = self.groups_per_rank
+    def _statistics(self, input, acc, error, sizes):
+        """Per group: the input's views, means and variances."""
         if error is not None:  # still take part, so that the others learn about the error
+            k = self.groups_per_rank
             zeros = torch.zeros(2, k, self.num_features, device=input.device, dtype=acc)
-            return [0] * k, [0] * k, None, list(zeros[0]), list(zeros[1])
-        sizes = group_sizes(input.size(0), k)
-        per_sample = values_per_sample(input)
+            return None, list(zeros[0]), list(zeros[1])
         chunks = split_groups(input, sizes)
         means, variances = group_statistics(chunks, acc)
-        return sizes, [n * per_sample for n in sizes], chunks, means, variances
+        return chunks, means, variances
 
     def _update_running_stats(self, input, result, step):
         """Blend in the mean and unbiased variance of the global batch (identical on every rank)."""

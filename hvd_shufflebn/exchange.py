@@ -107,13 +107,12 @@ class RouteBack:
     def __call__(self, sum_dy: List[torch.Tensor], sum_dy_xmu_invstd: List[torch.Tensor],
                  weight):
         """``sum_dy[t]``, ``sum_dy_xmu_invstd[t]``: the sums of my borrowing group t. Returns what
-        my lending groups receive, as two (k, C) tensors in my groups' order, and whether they
-        are already weighted by the borrower's weight."""
+        my lending groups receive, as two lists of (C,) rows in my groups' order, and whether
+        they are already weighted by the borrower's weight."""
         plan = self.plan
         if not plan.route.crosses:  # every rank's lenders are its own: nothing travels
             order = [t for _, t in plan.borrowers]
-            return (torch.stack([sum_dy[t] for t in order]),
-                    torch.stack([sum_dy_xmu_invstd[t] for t in order]), False)
+            return [sum_dy[t] for t in order], [sum_dy_xmu_invstd[t] for t in order], False
         device, acc = sum_dy[0].device, sum_dy[0].dtype
         where = self.transport.rows_device(device)
         c = sum_dy[0].numel()
@@ -132,7 +131,8 @@ class RouteBack:
         incoming = _concat(received, where)
         mine = torch.stack([rows[t] if kind == "local" else incoming[t]
                             for kind, t in plan.borrowers]).to(device, acc)
-        return mine[:, :c], mine[:, c:], True
+        mine = mine.view(2 * len(plan.borrowers), c).unbind(0)  # A_0, Bs_0, A_1, Bs_1, ...
+        return list(mine[0::2]), list(mine[1::2]), True
 
 
 def make_report(layer, error, plan, needs_grad):

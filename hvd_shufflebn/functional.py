@@ -21,7 +21,7 @@ the correction comes from one sum over all groups instead of the lenders (pooled
 import functools
 import math
 import operator
-from typing import List, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -40,31 +40,39 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def shape_error(input: torch.Tensor, num_features: int) -> Optional[str]:
     """Why ``input`` cannot be batch-normalised over ``num_features`` channels at all, or None."""
-    if input.dim() < 2:
-        return f"expected input of shape (N, C, *) with at least 2 dims, got shape {tuple(input.shape)}"
-    if input.size(1) != num_features:
-        return (f"expected {num_features} channels (dim 1), got input of shape "
-                f"{tuple(input.shape)}")
-    if not input.is_floating_point():
-        return f"expected a floating point input, got {input.dtype}"
+    return _shape_error(input.shape, input.dtype, num_features)
+
+
+def _shape_error(shape: torch.Size, dtype: torch.dtype, num_features: int) -> Optional[str]:
+    if len(shape) < 2:
+        return f"expected input of shape (N, C, *) with at least 2 dims, got shape {tuple(shape)}"
+    if shape[1] != num_features:
+        return f"expected {num_features} channels (dim 1), got input of shape {tuple(shape)}"
+    if not dtype.is_floating_point:
+        return f"expected a floating point input, got {dtype}"
     return None
 
 
-def input_error(input: torch.Tensor, num_features: int, k: int = 1) -> Optional[str]:
-    """Why this rank cannot take part in a training step with ``input`` in ``k`` groups, or None."""
-    error = shape_error(input, num_features)
+class Groups(NamedTuple):
+    """What a training forward needs to know about its input's shape, computed once per shape."""
+    error: Optional[str]    # why this rank cannot take part with this input, or None
+    sizes: Tuple[int, ...]  # samples per group
+    counts: Tuple[int, ...]  # values per channel per group
+
+
+@functools.lru_cache(maxsize=256)
+def groups_of(shape: torch.Size, dtype: torch.dtype, num_features: int, k: int) -> Groups:
+    """The ``k`` contiguous groups of an input of ``shape`` and ``dtype``, or why there are none."""
+    error = _shape_error(shape, dtype, num_features)
     if error is not None:
-        return error
-    if min(group_sizes(input.size(0), k)) * values_per_sample(input) < 2:
+        return Groups(error, (0,) * k, (0,) * k)
+    sizes = tuple(group_sizes(shape[0], k))
+    per_sample = math.prod(shape[2:])
+    if min(sizes) * per_sample < 2:
         where = "" if k == 1 else f" in each of the {k} groups"
-        return (f"expected more than 1 value per channel{where} when training, got input of "
-                f"shape {tuple(input.shape)}")
-    return None
-
-
-def values_per_sample(input: torch.Tensor) -> int:
-    """Values per channel in one sample (the spatial size), from the shape alone."""
-    return math.prod(input.shape[2:])
+        return Groups(f"expected more than 1 value per channel{where} when training, got input "
+                      f"of shape {tuple(shape)}", (0,) * k, (0,) * k)
+    return Groups(None, sizes, tuple(n * per_sample for n in sizes))
 
 
 def split_groups(tensor: torch.Tensor, sizes: Sequence[int]):
@@ -117,7 +125,7 @@ class Borrowed:
 class ShuffleBatchNormFunction(torch.autograd.Function):
     """y = w (x - m_u) s_u + b per group, with the borrowed statistics given in ``borrowed``;
     the backward sends the gradient of the borrowed statistics back to the lending groups
-    (``borrowed.route_back``) and adds what comes back to the direct term."""
+    (``borrowed.route_back``) and adds what comes back to the direct term, in one pass."""
 
     @staticmethod
     def forward(ctx, input, weight, bias, borrowed: Borrowed):
@@ -129,80 +137,94 @@ class ShuffleBatchNormFunction(torch.autograd.Function):
         return output
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output):
-        input, weight = ctx.saved_tensors
-        b = ctx.borrowed
-        needs_input_grad = ctx.needs_input_grad[0]
-        input_dtype = input.dtype
-        acc = b.own_means[0].dtype
-        if input_dtype != acc:  # float16/bfloat16: the whole gradient in float32, rounded once
-            input, grad_output = input.to(acc), grad_output.to(acc)
-        grad_output = grad_output.contiguous(memory_format=_memory_format(input))
-        chunks, grad_chunks = split_groups(input, b.sizes), split_groups(grad_output, b.sizes)
-        # Per group, one kernel: the direct term w s_u dy, sum(dy (x - m_u)) s_u and sum(dy).
-        mask = [needs_input_grad, True, True]
-        direct, sum_dy_xmu_invstd, sum_dy = [], [], []
-        for dy, x, m, v in zip(grad_chunks, chunks, b.means, b.variances):
-            d, bs, a = torch.ops.aten.native_batch_norm_backward(dy, x, weight, m, v, None, None,
-                                                                 False, b.eps, mask)
-            direct.append(d)
-            sum_dy_xmu_invstd.append(bs)
-            sum_dy.append(a)
-        grad_weight = grad_bias = grad_input = None
-        if weight is not None and ctx.needs_input_grad[1]:
-            grad_weight = _sum(sum_dy_xmu_invstd)
-        if ctx.needs_input_grad[2]:
-            grad_bias = _sum(sum_dy)
-        if needs_input_grad:
-            if b.pool_counts is None:
-                coef_b, coef_c = _shuffled_correction(b, sum_dy, sum_dy_xmu_invstd, weight)
-            else:
-                coef_b, coef_c = pooled.correction(b.means, b.variances, b.pool_counts, b.eps,
-                                                   sum_dy, sum_dy_xmu_invstd, weight,
-                                                   b.route_back)
-            grad_input = direct[0] if len(direct) == 1 else torch.cat(direct)
-            _add_affine(grad_input, input, coef_b, coef_c, b.sizes)
-            grad_input = grad_input.to(input_dtype)
-        return grad_input, grad_weight, grad_bias, None
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that is not differentiable
+            return _backward_once_differentiable(ctx, grad_output)
+        return _backward(ctx, grad_output)
 
 
-def _shuffled_correction(b: Borrowed, sum_dy, sum_dy_xmu_invstd, weight):
-    """The correction dx += coef_b * x + coef_c of my lending groups, from what their borrowers
-    send back, as two (k, C) tensors."""
+def _backward(ctx, grad_output):
+    """The exact gradient of ShuffleBatchNormFunction: per group two sums (one kernel), what the
+    borrowed statistics' gradient adds to the lending groups, then dx in one pass."""
+    input, weight = ctx.saved_tensors
+    b = ctx.borrowed
+    needs_input_grad, needs_weight_grad, needs_bias_grad = ctx.needs_input_grad[:3]
+    input_dtype = input.dtype
+    acc = b.own_means[0].dtype
+    if input_dtype != acc:  # float16/bfloat16: the whole gradient in float32, rounded once
+        input, grad_output = input.to(acc), grad_output.to(acc)
+    grad_output = grad_output.contiguous(memory_format=_memory_format(input))
+    chunks, grad_chunks = split_groups(input, b.sizes), split_groups(grad_output, b.sizes)
+    # Per group, one reduction kernel: A = sum(dy) and B s_u = sum(dy (x - m_u)) s_u.
+    sum_dy_xmu_invstd, sum_dy = [], []
+    for dy, x, m, v in zip(grad_chunks, chunks, b.means, b.variances):
+        _, bs, a = torch.ops.aten.native_batch_norm_backward(dy, x, weight, m, v, None, None,
+                                                             False, b.eps, _SUMS_ONLY)
+        sum_dy_xmu_invstd.append(bs)
+        sum_dy.append(a)
+    grad_weight = grad_bias = grad_input = None
+    if weight is not None and needs_weight_grad:
+        grad_weight = _sum(sum_dy_xmu_invstd)
+    if needs_bias_grad:
+        grad_bias = _sum(sum_dy)
+    if needs_input_grad:
+        # Per group and channel values broadcast over the input grouped as (k, n, C, ...).
+        shape = (len(b.sizes), 1, input.size(1)) + (1,) * (input.dim() - 2)
+        if b.pool_counts is None:
+            coefs = _shuffled_coefficients(b, sum_dy, sum_dy_xmu_invstd, weight, shape)
+        else:
+            coefs = pooled.coefficients(b.means, b.variances, b.pool_counts, b.eps, sum_dy,
+                                        sum_dy_xmu_invstd, weight, b.route_back, shape)
+        grad_input = _affine_input_gradient(grad_output, input, *coefs, b.sizes)
+        grad_input = grad_input.to(input_dtype)
+    return grad_input, grad_weight, grad_bias, None
+
+
+_backward_once_differentiable = torch.autograd.function.once_differentiable(_backward)
+
+
+# The backward's per-group kernel computes only the two sums; the input gradient is one pass.
+_SUMS_ONLY = [False, True, True]
+
+
+def _shuffled_coefficients(b: Borrowed, sum_dy, sum_dy_xmu_invstd, weight, shape):
+    """The input gradient dx = coef_a * dy + coef_b * x + coef_c per group and channel, as three
+    tensors of ``shape`` (k, 1, C, 1...): the direct term w s_u, and the correction of my
+    lending groups from what their borrowers send back."""
     # What my lending groups get back from their borrowers, weighted by the borrower's weight
     # (or not, when the borrowers are all mine and share my weight).
     grad_a, grad_bs, weighted = b.route_back(sum_dy, sum_dy_xmu_invstd, weight)
-    own_mean, own_var = torch.stack(b.own_means), torch.stack(b.own_vars)
-    counts = b.counts
-    invstd = own_var.add_(b.eps).rsqrt_()
+    # ONE stack of every per-group row: what came back, my groups' means, and the invstd of
+    # their own and of their borrowed variances.
+    k = len(b.sizes)
+    rows = torch.stack([*grad_a, *grad_bs, *b.own_means, *b.own_vars, *b.variances])
+    rows[3 * k:].add_(b.eps).rsqrt_()
+    grad_a, grad_bs, own_mean, own_invstd, invstd = rows.view((5,) + shape).unbind(0)
+    weight = None if weight is None else weight.view(shape[2:])
     # u = -w s / M; then b = u s (w B s) and c = u (w A) - m b, per group and channel.
-    if len(set(counts)) == 1:
-        u = invstd * (-1.0 / counts[0])
-    else:  # uneven groups: each row its own count (host numbers, no tensor from them)
-        u = torch.stack([row * (-1.0 / m) for row, m in zip(invstd, counts)])
+    u = pooled.scale_rows(own_invstd, [-1.0 / m for m in b.counts])
     if not weighted and weight is not None:
         u.mul_(weight)
-    coef_b = (u * invstd).mul_(grad_bs)
-    return coef_b, grad_a.mul_(u).addcmul_(own_mean, coef_b, value=-1)
+    coef_b = (u * own_invstd).mul_(grad_bs)
+    coef_c = grad_a.mul_(u).addcmul_(own_mean, coef_b, value=-1)
+    return (invstd if weight is None else invstd * weight), coef_b, coef_c
 
 
 def _sum(tensors: List[torch.Tensor]) -> torch.Tensor:
     return functools.reduce(operator.add, tensors)
 
 
-def _add_affine(grad_input, input, coef_b, coef_c, sizes) -> None:
-    """grad_input += coef_b * input + coef_c per group and channel, in place."""
-    k, c = coef_b.shape
-    shape = (k, 1, c) + (1,) * (input.dim() - 2)
-    if len(set(sizes)) == 1:  # equal groups: one pass over the whole batch
-        grouped = grad_input.unflatten(0, (k, sizes[0]))
-        grouped.addcmul_(input.unflatten(0, (k, sizes[0])), coef_b.view(shape))
-        grouped.add_(coef_c.view(shape))
-        return
-    for j, (dx, x) in enumerate(zip(split_groups(grad_input, sizes), split_groups(input, sizes))):
-        view = (c,) + (1,) * (input.dim() - 2)
-        dx.addcmul_(x, coef_b[j].view(view)).add_(coef_c[j].view(view))
+def _affine_input_gradient(grad_output, input, coef_a, coef_b, coef_c, sizes) -> torch.Tensor:
+    """dx = coef_a * dy + coef_b * x + coef_c per group and channel (coefficients of shape
+    (k, 1, C, 1...)): one fused pass over the input, no intermediate of its size besides dx."""
+    if len(set(sizes)) == 1:  # equal groups: the whole batch at once, grouped along dim 0
+        grouped = (len(sizes), sizes[0]) + tuple(input.shape[1:])
+        grad = torch.addcmul(coef_c, input.view(grouped), coef_b)
+        grad.addcmul_(grad_output.view(grouped), coef_a)
+        return grad.reshape(input.shape)  # a view, unless the input's strides are unusual
+    grads = [torch.addcmul(c, x, b).addcmul_(dy, a) for a, b, c, dy, x in zip(
+        coef_a, coef_b, coef_c, split_groups(grad_output, sizes), split_groups(input, sizes))]
+    return torch.cat(grads)
 
 
 def _memory_format(input: torch.Tensor) -> torch.memory_format:

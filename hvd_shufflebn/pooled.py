@@ -17,7 +17,7 @@ and P, Q their sums over all groups of all ranks (one sum of 2C values):
 
     dx_i = w s_-q dy_i + (P - P_q) + (Q - Q_q) x_i
 
-The direct term is the same kernel as in the shuffled mode; only the correction differs.
+as in the shuffled mode one fused pass over the input; only the coefficients differ.
 """
 from typing import List, Sequence, Tuple
 
@@ -38,12 +38,12 @@ def borrow_pooled(transport, layer, means: List[torch.Tensor], variances: List[t
     k, c = len(means), means[0].numel()
     across = transport.size > 1
     where = transport.rows_device(device) if across else device
-    table = torch.cat(means + variances).to(where, torch.float64).view(2, k, c)
-    mean, var = table[0], table[1]
-    # Per group: M_t m_t and M_t (v_t + m_t^2), the group's share of S1 and S2.
-    shares = torch.cat([mean, torch.addcmul(var, mean, mean)], dim=1)
-    shares = _scale_rows(shares, counts)
-    mine = shares.sum(0)
+    # Per group: M_t m_t and M_t (v_t + m_t^2), the group's share of S1 and S2, as (2, k, C).
+    shares = torch.stack([*means, *variances]).to(where, torch.float64).view(2, k, c)
+    mean, second = shares.unbind(0)
+    second.addcmul_(mean, mean)
+    shares = scale_rows(shares, counts, dim=1)
+    mine = shares.sum(1)  # (2, C): S1 and S2 of my groups
     if across:
         header = torch.tensor(report_header + [float(sum(counts))], dtype=torch.float64)
         summed_count = []
@@ -53,50 +53,53 @@ def borrow_pooled(transport, layer, means: List[torch.Tensor], variances: List[t
             summed_count.append(summed_header[-1])
             raise_if_any_rank_failed(transport, layer.name, summed_header[:-1], make_report(),
                                      context)
-        totals = transport.sum_and_check(layer.name, header.to(where), mine, check, context)
-        total, totals = summed_count[0], totals.to(where)
+        totals = transport.sum_and_check(layer.name, header.to(where), mine.view(-1), check,
+                                         context)
+        total, totals = summed_count[0], totals.to(where).view(2, c)
     else:
         total, totals = float(sum(counts)), mine
     pool_counts = [total - m for m in counts]
-    pools = _scale_rows(totals - shares, [1.0 / m for m in pool_counts])  # (k, 2C): m_-t, E_-t[x^2]
-    pool_mean, pool_var = pools[:, :c], pools[:, c:]
+    # (2, k, C): m_-t and E_-t[x^2], then the variance in place of the latter.
+    pools = scale_rows(totals.unsqueeze(1) - shares, [1.0 / m for m in pool_counts], dim=1)
+    pool_mean, pool_var = pools.unbind(0)
     pool_var.addcmul_(pool_mean, pool_mean, value=-1).clamp_min_(0)
     if not across:  # one process: the running statistics take the whole batch themselves
-        back = pools.to(device, acc)
-        return ForwardResult(list(back[:, :c]), list(back[:, c:])), pool_counts
-    global_mean = totals[:c] / total
-    global_var = (totals[c:] / total).addcmul_(global_mean, global_mean, value=-1)
+        rows = pools.to(device, acc).view(2 * k, c).unbind(0)
+        return ForwardResult(list(rows[:k]), list(rows[k:])), pool_counts
+    global_mean = totals[0] / total
+    global_var = (totals[1] / total).addcmul_(global_mean, global_mean, value=-1)
     global_var.clamp_min_(0).mul_(total / (total - 1))
-    # ONE copy back: k pooled rows and the global statistics.
-    back = torch.cat([pools, torch.cat([global_mean, global_var]).view(1, 2 * c)]).to(device, acc)
-    rows = back.unbind(0)
-    return ForwardResult([r[:c] for r in rows[:k]], [r[c:] for r in rows[:k]], rows[k][:c],
-                         rows[k][c:]), pool_counts
+    # ONE copy back: k pooled means, k pooled variances and the global statistics.
+    back = torch.cat([pools.view(2 * k, c), global_mean.view(1, c), global_var.view(1, c)])
+    rows = back.to(device, acc).unbind(0)
+    return ForwardResult(list(rows[:k]), list(rows[k:2 * k]), rows[2 * k],
+                         rows[2 * k + 1]), pool_counts
 
 
-def correction(means, variances, pool_counts, eps, sum_dy, sum_dy_xmu_invstd, weight,
-               sum_back) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The backward's correction dx += coef_b * x + coef_c, per group and channel, as two
-    (k, C) tensors: (Q - Q_q, P - P_q). ``means``/``variances``: the pooled statistics each of
-    my groups used; ``sum_back`` sums a (2C,) float64 vector over all ranks."""
+def coefficients(means, variances, pool_counts, eps, sum_dy, sum_dy_xmu_invstd, weight,
+                 sum_back, shape) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The input gradient dx = coef_a * dy + coef_b * x + coef_c per group and channel, as three
+    tensors of ``shape`` (k, 1, C, 1...): (w s_-q, Q - Q_q, P - P_q). ``means``/``variances``:
+    the pooled statistics each of my groups used; ``sum_back`` sums over all ranks."""
     acc = sum_dy[0].dtype
-    c = sum_dy[0].numel()
-    mean = torch.stack(means)
-    invstd = torch.stack(variances).add_(eps).rsqrt_()
-    u = _scale_rows(invstd, [-1.0 / m for m in pool_counts])  # -s_-t / M_-t
+    rows = torch.stack([*sum_dy, *sum_dy_xmu_invstd, *means, *variances])  # ONE stack
+    sum_dy, sum_dy_xmu_invstd, mean, invstd = rows.view((4,) + shape).unbind(0)
+    invstd.add_(eps).rsqrt_()
+    weight = None if weight is None else weight.view(shape[2:])
+    u = scale_rows(invstd, [-1.0 / m for m in pool_counts])  # -s_-t / M_-t
     if weight is not None:
         u.mul_(weight)
-    q = (u * invstd).mul_(torch.stack(sum_dy_xmu_invstd))   # Q_t = -w s^2 (B s) / M_-t
-    p = torch.stack(sum_dy).mul_(u).addcmul_(mean, q, value=-1)  # P_t = -w s A / M_-t - m Q_t
+    q = (u * invstd).mul_(sum_dy_xmu_invstd)           # Q_t = -w s^2 (B s) / M_-t
+    p = sum_dy.mul_(u).addcmul_(mean, q, value=-1)     # P_t = -w s A / M_-t - m Q_t
     # In float64: P - P_q cancels when one group's terms dominate.
-    terms = torch.cat([p, q], dim=1).to(torch.float64)
-    coef = (sum_back(terms.sum(0)) - terms).to(acc)
-    return coef[:, c:], coef[:, :c]
+    terms = torch.stack([q, p]).to(torch.float64)
+    coef_b, coef_c = (sum_back(terms.sum(1, keepdim=True)) - terms).to(acc).unbind(0)
+    return (invstd if weight is None else invstd * weight), coef_b, coef_c
 
 
 class SumBack:
-    """The backward's one exchange in the pooled mode: a (2C,) float64 vector summed over all
-    ranks (nothing to do in one process)."""
+    """The backward's one exchange in the pooled mode: 2C float64 values summed over all ranks
+    (nothing to do in one process)."""
     __slots__ = ("transport", "name", "context")
 
     def __init__(self, transport, name: str, context: WaitContext):
@@ -106,12 +109,14 @@ class SumBack:
         if self.transport.size == 1:
             return terms
         where = self.transport.rows_device(terms.device)
-        summed = self.transport.sum(self.name + ".pool.grad", terms.to(where), self.context)
-        return summed.to(terms.device)
+        summed = self.transport.sum(self.name + ".pool.grad", terms.reshape(-1).to(where),
+                                    self.context)
+        return summed.to(terms.device).view(terms.shape)
 
 
-def _scale_rows(table: torch.Tensor, factors: Sequence[float]) -> torch.Tensor:
-    """Row t of ``table`` times ``factors[t]`` (host numbers: no tensor made from them)."""
+def scale_rows(table: torch.Tensor, factors: Sequence[float], dim: int = 0) -> torch.Tensor:
+    """Row t of ``table`` along ``dim`` times ``factors[t]`` (host numbers: no tensor made
+    from them)."""
     if len(set(factors)) == 1:
         return table * factors[0]
-    return torch.stack([row * f for row, f in zip(table, factors)])
+    return torch.stack([row * f for row, f in zip(table.unbind(dim), factors)], dim)

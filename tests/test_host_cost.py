@@ -17,8 +17,8 @@ OPS_FORWARD_BACKWARD = 36  # BatchNorm2d: 7 (3 of them accumulate .grad)
 OPS_NO_GRAD_FORWARD = 8    # BatchNorm2d: 3
 # The same with borrow_from="others": the pool of each group is computed from summed moments
 # (small per-channel ops in float64), the backward adds one per-channel sum.
-OPS_FORWARD_BACKWARD_POOLED = 63
-OPS_NO_GRAD_FORWARD_POOLED = 28
+OPS_FORWARD_BACKWARD_POOLED = 57
+OPS_NO_GRAD_FORWARD_POOLED = 24
 
 
 class CountOps(TorchDispatchMode):

@@ -231,6 +231,25 @@ def test_groups_in_one_process_match_the_reference(k, spec, shape):
         layer(torch.randn(k - 1, 3, *shape[2:], dtype=torch.float64))
 
 
+@pytest.mark.parametrize("borrow_from", ["permutation", "others"])
+def test_a_gradient_taken_with_create_graph_is_the_same_and_not_differentiable(borrow_from):
+    """Under create_graph=True (gradient penalties) the backward gives the same gradient, and
+    differentiating that gradient again is refused rather than silently wrong."""
+    torch.manual_seed(0)
+    layer = ShuffleBatchNorm(3, groups_per_rank=2, borrow_from=borrow_from,
+                             dtype=torch.float64)
+    x = torch.randn(6, 3, 2, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(6, 3, 2, dtype=torch.float64, requires_grad=True)  # part of a graph
+    layer.step = 0
+    plain, = torch.autograd.grad(layer(x), x, dy)
+    layer.step = 0
+    graphed, = torch.autograd.grad(layer(x), x, dy, create_graph=True)
+    torch.testing.assert_close(graphed, plain, rtol=0, atol=0)
+    assert graphed.requires_grad
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        graphed.sum().backward()
+
+
 def test_works_without_horovod_or_mpi4py():
     """import and one-process use need only torch; a Horovod transport says what to install."""
     code = """
