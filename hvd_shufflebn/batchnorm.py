@@ -1,5 +1,6 @@
 """ShuffleBatchNorm, a drop-in torch.nn.BatchNorm*d, and the helpers that swap it in and out."""
 import copy
+import functools
 import itertools
 import logging
 import os
@@ -36,6 +37,23 @@ LOG_ENV = "HVD_SHUFFLEBN_LOG"  # "1": print that line to stderr too, not only lo
 logger = logging.getLogger("hvd_shufflebn")
 STEP_METADATA = "shufflebn_step"  # the step of a layer without num_batches_tracked
 BORROW_FROM = ("permutation", "others")
+
+
+def _outside_compiled_graphs(forward):
+    """torch.compiler.disable, without importing torch._dynamo (about 2 s) where nothing
+    compiles: torch.compile compiles the model around the layer, not through it, since the layer
+    talks to the other ranks and keeps Python state (records, the step) that a traced graph
+    would freeze. Without torch._dynamo loaded, nothing can be compiling."""
+    disabled = []
+
+    @functools.wraps(forward)
+    def outside(*args, **kwargs):
+        if "torch._dynamo" not in sys.modules:
+            return forward(*args, **kwargs)
+        if not disabled:
+            disabled.append(torch._dynamo.disable(forward))
+        return disabled[0](*args, **kwargs)
+    return outside
 
 
 class ShuffleBatchNorm(_BatchNorm):
@@ -206,9 +224,7 @@ class ShuffleBatchNorm(_BatchNorm):
             _announce(self, transport)
         return transport
 
-    # torch.compile compiles the model around the layer, not through it: the layer talks to the
-    # other ranks and keeps Python state (records, the step), which a traced graph would freeze.
-    @torch.compiler.disable
+    @_outside_compiled_graphs
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self.training:
             # Local, like torch.nn.BatchNorm and SyncBatchNorm in eval: the running statistics,

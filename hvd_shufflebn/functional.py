@@ -158,8 +158,7 @@ def _backward(ctx, grad_output):
     # Per group, one reduction kernel: A = sum(dy) and B s_u = sum(dy (x - m_u)) s_u.
     sum_dy_xmu_invstd, sum_dy = [], []
     for dy, x, m, v in zip(grad_chunks, chunks, b.means, b.variances):
-        _, bs, a = torch.ops.aten.native_batch_norm_backward(dy, x, weight, m, v, None, None,
-                                                             False, b.eps, _SUMS_ONLY)
+        _, bs, a = _NATIVE_BACKWARD(dy, x, weight, m, v, None, None, False, b.eps, _SUMS_ONLY)
         sum_dy_xmu_invstd.append(bs)
         sum_dy.append(a)
     grad_weight = grad_bias = grad_input = None
@@ -185,6 +184,7 @@ _backward_once_differentiable = torch.autograd.function.once_differentiable(_bac
 
 # The backward's per-group kernel computes only the two sums; the input gradient is one pass.
 _SUMS_ONLY = [False, True, True]
+_NATIVE_BACKWARD = torch.ops.aten.native_batch_norm_backward.default
 
 
 def _shuffled_coefficients(b: Borrowed, sum_dy, sum_dy_xmu_invstd, weight, shape):

@@ -33,14 +33,16 @@ def main():
         x = torch.randn(3, 2, 6, 6, generator=g)
         dy = torch.randn(3, 3, 4, 4, generator=g)
         results = []
-        for model, run in ((eager, eager), (compiled_model, compiled)):
+        # Compiled first at step 0: the layer is first reached while torch.compile traces.
+        runs = [(eager, eager), (compiled_model, compiled)]
+        for model, run in (runs[::-1] if step == 0 else runs):
             xi = x.clone().requires_grad_()
             y = run(xi)
             y.backward(dy)
             results.append((y.detach(), xi.grad, [p.grad for p in model.parameters()],
                             [b.clone() for b in model.buffers()]))
             model.zero_grad()
-        (y0, dx0, g0, b0), (y1, dx1, g1, b1) = results
+        (y0, dx0, g0, b0), (y1, dx1, g1, b1) = results[::-1] if step == 0 else results
         for what, a, b in [("output", y1, y0), ("input gradient", dx1, dx0)] + \
                 [("parameter gradient", a, b) for a, b in zip(g1, g0)] + \
                 [("buffer", a, b) for a, b in zip(b1, b0)]:
