@@ -67,11 +67,6 @@ def launch(hosts, launcher, *extra):
     return proc
 
 
-@pytest.mark.parametrize("launcher", ["gloo", "mpi", "mpirun"])
-def test_probe_across_hosts(hosts, launcher):
-    launch(hosts, launcher)
-
-
 def dist_cases():
     """DIST_CASES, or one visibly skipped placeholder saying why there is nothing to run."""
     why = ("DIST_CASES is empty" if not DIST_CASES else
@@ -82,6 +77,8 @@ def dist_cases():
 @pytest.mark.parametrize("launcher", ["gloo", "mpi", "mpirun"])
 @pytest.mark.parametrize("case", dist_cases())
 def test_dist_case_across_hosts(hosts, launcher, case):
+    """The probe (every rank on its host, traffic across hosts) then the dist cases, in one
+    launch per launcher."""
     proc = launch(hosts, launcher, WORKER, *case.split())
     assert "statistics crossed hosts: rank" in proc.stdout, proc.stdout[-4000:]
 
