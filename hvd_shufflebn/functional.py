@@ -169,11 +169,7 @@ def _backward(ctx, grad_output):
     if needs_input_grad:
         # Per group and channel values broadcast over the input grouped as (k, n, C, ...).
         shape = (len(b.sizes), 1, input.size(1)) + (1,) * (input.dim() - 2)
-        if b.pool_counts is None:
-            coefs = _shuffled_coefficients(b, sum_dy, sum_dy_xmu_invstd, weight, shape)
-        else:
-            coefs = pooled.coefficients(b.means, b.variances, b.pool_counts, b.eps, sum_dy,
-                                        sum_dy_xmu_invstd, weight, b.route_back, shape)
+        coefs = _coefficients(b, sum_dy, sum_dy_xmu_invstd, weight, shape)
         grad_input = _affine_input_gradient(grad_output, input, *coefs, b.sizes)
         grad_input = grad_input.to(input_dtype)
     return grad_input, grad_weight, grad_bias, None
@@ -187,26 +183,35 @@ _SUMS_ONLY = [False, True, True]
 _NATIVE_BACKWARD = torch.ops.aten.native_batch_norm_backward.default
 
 
-def _shuffled_coefficients(b: Borrowed, sum_dy, sum_dy_xmu_invstd, weight, shape):
+def _coefficients(b: Borrowed, sum_dy, sum_dy_xmu_invstd, weight, shape):
     """The input gradient dx = coef_a * dy + coef_b * x + coef_c per group and channel, as three
-    tensors of ``shape`` (k, 1, C, 1...): the direct term w s_u, and the correction of my
-    lending groups from what their borrowers send back."""
-    # What my lending groups get back from their borrowers, weighted by the borrower's weight
-    # (or not, when the borrowers are all mine and share my weight).
-    grad_a, grad_bs, weighted = b.route_back(sum_dy, sum_dy_xmu_invstd, weight)
-    # ONE stack of every per-group row: what came back, my groups' means, and the invstd of
-    # their own and of their borrowed variances.
+    tensors of ``shape`` (k, 1, C, 1...): the direct term w s_u, and what the borrowed
+    statistics' gradient adds to the groups that lent them."""
+    # ONE stack of every per-group row, viewed as per-group, per-channel values.
     k = len(b.sizes)
-    rows = torch.stack([*grad_a, *grad_bs, *b.own_means, *b.own_vars, *b.variances])
-    rows[3 * k:].add_(b.eps).rsqrt_()
-    grad_a, grad_bs, own_mean, own_invstd, invstd = rows.view((5,) + shape).unbind(0)
+    if b.pool_counts is None:
+        # What my lending groups get back from their borrowers, weighted by the borrower's
+        # weight (or not, when the borrowers are all mine and share my weight); the lenders'
+        # means, and the invstd of the lenders' and of the borrowed variances.
+        grad_a, grad_bs, weighted = b.route_back(sum_dy, sum_dy_xmu_invstd, weight)
+        rows = torch.stack([*grad_a, *grad_bs, *b.own_means, *b.own_vars, *b.variances])
+        rows[3 * k:].add_(b.eps).rsqrt_()
+        grad_a, grad_bs, mean, lender_invstd, invstd = rows.view((5,) + shape).unbind(0)
+        counts = b.counts
+    else:  # each group's pool lends to it: each group's own terms, summed over the others below
+        rows = torch.stack([*sum_dy, *sum_dy_xmu_invstd, *b.means, *b.variances])
+        grad_a, grad_bs, mean, invstd = rows.view((4,) + shape).unbind(0)
+        lender_invstd = invstd.add_(b.eps).rsqrt_()
+        weighted, counts = False, b.pool_counts
     weight = None if weight is None else weight.view(shape[2:])
     # u = -w s / M; then b = u s (w B s) and c = u (w A) - m b, per group and channel.
-    u = pooled.scale_rows(own_invstd, [-1.0 / m for m in b.counts])
+    u = pooled.scale_rows(lender_invstd, [-1.0 / m for m in counts])
     if not weighted and weight is not None:
         u.mul_(weight)
-    coef_b = (u * own_invstd).mul_(grad_bs)
-    coef_c = grad_a.mul_(u).addcmul_(own_mean, coef_b, value=-1)
+    coef_b = (u * lender_invstd).mul_(grad_bs)
+    coef_c = grad_a.mul_(u).addcmul_(mean, coef_b, value=-1)
+    if b.pool_counts is not None:
+        coef_b, coef_c = pooled.all_but_own(coef_b, coef_c, b.route_back)
     return (invstd if weight is None else invstd * weight), coef_b, coef_c
 
 

@@ -76,25 +76,12 @@ def borrow_pooled(transport, layer, means: List[torch.Tensor], variances: List[t
                          rows[2 * k + 1]), pool_counts
 
 
-def coefficients(means, variances, pool_counts, eps, sum_dy, sum_dy_xmu_invstd, weight,
-                 sum_back, shape) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The input gradient dx = coef_a * dy + coef_b * x + coef_c per group and channel, as three
-    tensors of ``shape`` (k, 1, C, 1...): (w s_-q, Q - Q_q, P - P_q). ``means``/``variances``:
-    the pooled statistics each of my groups used; ``sum_back`` sums over all ranks."""
-    acc = sum_dy[0].dtype
-    rows = torch.stack([*sum_dy, *sum_dy_xmu_invstd, *means, *variances])  # ONE stack
-    sum_dy, sum_dy_xmu_invstd, mean, invstd = rows.view((4,) + shape).unbind(0)
-    invstd.add_(eps).rsqrt_()
-    weight = None if weight is None else weight.view(shape[2:])
-    u = scale_rows(invstd, [-1.0 / m for m in pool_counts])  # -s_-t / M_-t
-    if weight is not None:
-        u.mul_(weight)
-    q = (u * invstd).mul_(sum_dy_xmu_invstd)           # Q_t = -w s^2 (B s) / M_-t
-    p = sum_dy.mul_(u).addcmul_(mean, q, value=-1)     # P_t = -w s A / M_-t - m Q_t
-    # In float64: P - P_q cancels when one group's terms dominate.
+def all_but_own(q: torch.Tensor, p: torch.Tensor, sum_back) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Q - Q_q and P - P_q per group and channel, from each group's own Q_t and P_t (the
+    shuffled mode's b and c with the pool's statistics and count); ``sum_back`` sums over all
+    ranks. In float64: the difference cancels when one group's terms dominate."""
     terms = torch.stack([q, p]).to(torch.float64)
-    coef_b, coef_c = (sum_back(terms.sum(1, keepdim=True)) - terms).to(acc).unbind(0)
-    return (invstd if weight is None else invstd * weight), coef_b, coef_c
+    return (sum_back(terms.sum(1, keepdim=True)) - terms).to(q.dtype).unbind(0)
 
 
 class SumBack:
