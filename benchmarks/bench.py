@@ -285,9 +285,6 @@ class Loopback(Transport):
     def rows_device(self, device):
         return torch.device("cpu")  # as the host-staged transports
 
-    def agree_before_first_exchange(self, layer, num_features, context):
-        pass
-
     def exchange(self, name, rows, expect, width, device, context, header=None, sums=None,
                  check=None, match=0):
         if header is not None:

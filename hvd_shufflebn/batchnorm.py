@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import agreement, recompute
+from . import agreement, deferred, recompute
 from . import permutation as perms
 from .errors import ShuffleBatchNormError
 from .exchange import RouteBack, borrow_across_ranks, borrow_locally, make_report
@@ -256,22 +256,34 @@ class ShuffleBatchNorm(_BatchNorm):
             sizes, counts = groups.sizes, groups.counts
             chunks, means, variances = self._statistics(input, acc, error, sizes)
             header = report = context = pool_counts = None
+            deferring = transport.size > 1 and transport.defers_checks(input.device)
             if transport.size > 1:
                 context = WaitContext(self.name, step, "forward", self.timeout)
-                transport.agree_before_first_exchange(self.name, self.num_features, context)
+                transport.agree_before_first_exchange(
+                    self.name, self.num_features, context,
+                    (("groups_per_rank", k), ("borrow_from='others'", int(pooled))) if deferring
+                    else ())
                 header = agreement.header(error is not None, fingerprint(self.key, plan),
                                           needs_grad)
                 report = lambda: make_report(self, error, plan, needs_grad)  # noqa: E731
+            if deferring and transport.pending.holds(self):  # a step without backward
+                transport.pending.check_all(transport)
             if pooled:
                 result, pool_counts = borrow_pooled(transport, self, means, variances, counts,
                                                     header, report, context)
             elif transport.size == 1:
                 result = borrow_locally(plan, means, variances)
+            elif deferring:
+                result = deferred.borrow(transport, self, plan, means, variances, counts,
+                                         header, report, context)
             else:
                 result = borrow_across_ranks(transport, self, plan, means, variances, counts,
                                              header, report, context)
             if self.track_running_stats:
                 self._update_running_stats(input, result, step)
+        if error is not None:  # deferred checks only: the step's check raises on every rank
+            self._advance_step(step)
+            return deferred.PassThrough.apply(input, transport) if needs_grad else input
         weight, bias = _in_dtype(self.weight, acc), _in_dtype(self.bias, acc)
         if needs_grad:
             borrowed = Borrowed(chunks, sizes, counts, means, variances, result.means,

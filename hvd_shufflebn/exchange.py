@@ -8,7 +8,7 @@ are staged in ONE copy to where the transport works (host memory for MPI, Gloo a
 without GPU collectives), and what comes back (borrowed rows, global mean and variance) in ONE
 copy to the input's device.
 """
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import torch
 
@@ -42,16 +42,7 @@ def borrow_across_ranks(transport, layer, plan: plans.StepPlan, means, variances
     device, acc = means[0].device, means[0].dtype
     where = transport.rows_device(device)
     k, c = len(means), means[0].numel()
-    # Rows travel in float64: the variance of the union of all batches, E[x^2] - E[x]^2, does
-    # not cancel catastrophically, and counts are exact.
-    table = torch.cat(means + variances).to(where, torch.float64).view(2, k, c)
-    mean, var = table[0], table[1]
-    rows = torch.cat([mean, var], dim=1)  # (k, 2C)
-    moments = torch.cat([mean, torch.addcmul(var, mean, mean)], dim=1)
-    if len(set(counts)) == 1:
-        sums = moments.sum(0).mul_(counts[0])
-    else:
-        sums = sum(moments[j] * counts[j] for j in range(k))
+    rows, sums = rows_and_sums(means, variances, counts, where)
     header = torch.tensor(report_header + [float(sum(counts))], dtype=torch.float64)
     route = plan.route
     sends = {dest: _rows(rows, groups) for dest, groups in route.sends.items()}
@@ -79,6 +70,24 @@ def borrow_across_ranks(transport, layer, plan: plans.StepPlan, means, variances
     borrowed_means = [r[:c] for r in rows_back[:k]]
     borrowed_vars = [r[c:] for r in rows_back[:k]]
     return ForwardResult(borrowed_means, borrowed_vars, rows_back[k][:c], rows_back[k][c:])
+
+
+def rows_and_sums(means: List[torch.Tensor], variances: List[torch.Tensor],
+                  counts: Sequence[int], where) -> Tuple[torch.Tensor, torch.Tensor]:
+    """My groups' rows (k, 2C) of mean and biased variance, and the 2C sums over my groups of
+    M_j m_j and M_j (v_j + m_j^2) that the running statistics sum over all ranks; in float64 on
+    ``where``: the variance of the union of all batches, E[x^2] - E[x]^2, then does not cancel
+    catastrophically, and counts are exact."""
+    k, c = len(means), means[0].numel()
+    table = torch.cat(means + variances).to(where, torch.float64).view(2, k, c)
+    mean, var = table[0], table[1]
+    rows = torch.cat([mean, var], dim=1)
+    moments = torch.cat([mean, torch.addcmul(var, mean, mean)], dim=1)
+    if len(set(counts)) == 1:
+        sums = moments.sum(0).mul_(counts[0])
+    else:
+        sums = sum(moments[j] * counts[j] for j in range(k))
+    return rows, sums
 
 
 def _rows(rows: torch.Tensor, groups: Sequence[int]) -> torch.Tensor:
@@ -110,6 +119,8 @@ class RouteBack:
         my lending groups receive, as two lists of (C,) rows in my groups' order, and whether
         they are already weighted by the borrower's weight."""
         plan = self.plan
+        if self.transport.pending:  # deferred checks (deferred.py): the step's one read
+            self.transport.pending.check_all(self.transport)
         if not plan.route.crosses:  # every rank's lenders are its own: nothing travels
             order = [t for _, t in plan.borrowers]
             return [sum_dy[t] for t in order], [sum_dy_xmu_invstd[t] for t in order], False

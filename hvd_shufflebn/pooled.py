@@ -24,6 +24,7 @@ from typing import List, Sequence, Tuple
 import torch
 
 from .agreement import raise_if_any_rank_failed
+from .deferred import host_values
 from .exchange import ForwardResult
 from .waits import WaitContext
 
@@ -44,7 +45,13 @@ def borrow_pooled(transport, layer, means: List[torch.Tensor], variances: List[t
     second.addcmul_(mean, mean)
     shares = scale_rows(shares, counts, dim=1)
     mine = shares.sum(1)  # (2, C): S1 and S2 of my groups
-    if across:
+    if across and transport.defers_checks(device):  # no read: the step's check (deferred.py)
+        header = host_values(report_header + [float(sum(counts))], where)
+        h = header.numel()
+        summed = transport.sum(layer.name, torch.cat([header, mine.view(-1)]), context)
+        transport.pending.add(layer, summed[:h - 1], make_report, context)
+        total, totals = summed[h - 1], summed[h:].view(2, c)  # M: a device scalar
+    elif across:
         header = torch.tensor(report_header + [float(sum(counts))], dtype=torch.float64)
         summed_count = []
 
@@ -58,7 +65,7 @@ def borrow_pooled(transport, layer, means: List[torch.Tensor], variances: List[t
         total, totals = summed_count[0], totals.to(where).view(2, c)
     else:
         total, totals = float(sum(counts)), mine
-    pool_counts = [total - m for m in counts]
+    pool_counts = [total - m for m in counts]  # host numbers, or device scalars when deferred
     # (2, k, C): m_-t and E_-t[x^2], then the variance in place of the latter.
     pools = scale_rows(totals.unsqueeze(1) - shares, [1.0 / m for m in pool_counts], dim=1)
     pool_mean, pool_var = pools.unbind(0)
@@ -95,6 +102,8 @@ class SumBack:
     def __call__(self, terms: torch.Tensor) -> torch.Tensor:
         if self.transport.size == 1:
             return terms
+        if self.transport.pending:  # deferred checks (deferred.py): the step's one read
+            self.transport.pending.check_all(self.transport)
         where = self.transport.rows_device(terms.device)
         summed = self.transport.sum(self.name + ".pool.grad", terms.reshape(-1).to(where),
                                     self.context)

@@ -5,8 +5,9 @@
 1. groups on one process: ShuffleBatchNorm(groups_per_rank=k), both borrow_from modes, on CUDA
    tensors (float32, float16, channels_last) against the float64 reference computed on the CPU;
 2. the torch.distributed transport with CUDA tensors on 2 processes: the default multi-backend
-   group ("cpu:gloo,cuda:nccl": rows stay on each input's GPU) when there are 2 GPUs or more,
-   Gloo (rows staged through the host) otherwise;
+   group ("cpu:gloo,cuda:nccl": rows stay on each input's GPU, and no layer syncs the device:
+   its check waits for the step's one read) when there are 2 GPUs or more, Gloo (rows staged
+   through the host) otherwise;
 3. (3 GPUs or more, Horovod built with NCCL) the Horovod transport with CUDA tensors on 3 ranks
    under a permutation where rank 0 lends to itself and sends no rows while ranks 1 and 2 swap:
    every rank must submit its all-to-all on its GPU, the empty one included (Horovod refuses
@@ -91,12 +92,38 @@ def distributed_worker(rank, size, backend, path):
     # Under NCCL (alone or in the default "cpu:gloo,cuda:nccl" group) the rows stay on the input's
     # own GPU; under Gloo they go through the host.
     right_device = where == (device if "nccl" in backend else torch.device("cpu"))
+    synced = no_sync_in_layers(layer, x, dy) if "nccl" in backend else None
     if rank == 0:
         report(f"torch.distributed transport, {backend}, CUDA tensors, {size} processes",
                error < 1e-3 and right_device,
                f"max output error {error:.1e}, rows on {where}")
-        if error >= 1e-3 or not right_device:
+        if synced is not None:
+            report("NCCL: no device sync in the layer's forward or backward, one for the step's "
+                   "check", synced is True, "" if synced is True else synced)
+        if error >= 1e-3 or not right_device or synced not in (None, True):
             sys.exit(1)
+
+
+def no_sync_in_layers(layer, x, dy):
+    """Under NCCL the forward leaves its agreement check for the step (hvd_shufflebn/deferred.py):
+    the forward and the backward exchange run under sync debug mode "error"; only the step's one
+    read of the headers (here called explicitly, in between) may synchronise."""
+    transport = layer._transport
+    if not transport.defers_checks(x.device):
+        return "the transport does not defer its checks on CUDA"
+    try:
+        for _ in range(2):
+            torch.cuda.set_sync_debug_mode("error")
+            y = layer(x)
+            torch.cuda.set_sync_debug_mode("default")
+            transport.pending.check_all(transport)  # the step's one read
+            torch.cuda.set_sync_debug_mode("error")
+            y.backward(dy)
+    except RuntimeError as error:
+        return f"synchronised: {error}"
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return True
 
 
 def horovod_worker():

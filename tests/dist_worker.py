@@ -10,6 +10,7 @@ reference computed by autograd in one process. Under torchrun the data travels t
 torch.distributed's key-value store, and Horovod is not even imported. Any failed check raises, so
 the rank exits non-zero and the launcher fails the run.
 """
+import copy
 import os
 import pickle
 import sys
@@ -21,6 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 TORCHRUN = "TORCHELASTIC_RUN_ID" in os.environ
+DEFERRED = os.environ.get("HVD_SHUFFLEBN_DEFER_CHECKS") == "1"  # case_deferred_checks
 if not TORCHRUN:
     import horovod.torch as hvd
 from hvd_shufflebn import (ShuffleBatchNorm, ShuffleBatchNormError, convert_shuffle_batchnorm,
@@ -616,12 +618,87 @@ def case_groups():
                               f"groups_per_rank={k}, permutation={spec}, step {step}")
         if spec == "derangement" and SIZE * k > 2:
             assert len({tuple(p) for p in [perm]}) == 1
+    if DEFERRED:  # the errors come out of the step's check: case_deferred_checks
+        return
     # A group with fewer than 2 values per channel on one rank: the same error everywhere.
     bad = SIZE - 1
     layer = ShuffleBN(3, groups_per_rank=3)
     x = make_input((2 if RANK == bad else 6, 3), torch.float32, seed=RANK)
     expect_error(lambda: layer(x), f"rank {bad}", "more than 1 value per channel in each of the 3 "
                  "groups")
+
+
+def case_deferred_checks():
+    """$HVD_SHUFFLEBN_DEFER_CHECKS=1 (torchrun): the check CUDA tensors get under NCCL, forced on
+    Gloo. A steady-state step reads the device once for the whole model (the step's check),
+    never in a layer; every rank raises the same error in the same step: in backward, or (a step
+    without backward) at the layer's next forward."""
+    from hvd_shufflebn import deferred
+    from test_host_cost import CountHostReads, CountOps
+    assert DEFERRED and current_transport().defers_checks(torch.device("cpu"))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        ShuffleBN(3, groups_per_rank=2), torch.nn.Conv2d(3, 4, 3, padding=1),
+        ShuffleBN(4), torch.nn.ReLU(), ShuffleBN(4, borrow_from="others")).double()
+    key_encoder = copy.deepcopy(model)
+
+    def forward(x):  # MoCo's order: the query encoder, then the key encoder without grad
+        model.zero_grad()
+        y = model(x)
+        with torch.no_grad():
+            key_encoder(x)
+        return y
+
+    def step(x):
+        forward(x).square().mean().backward()
+
+    x = make_input((4, 3, 4, 4), torch.float64, seed=RANK)
+    for _ in range(2):  # first steps: each layer agrees on num_features and groups_per_rank once
+        step(x)
+    checks = []  # the reads of the step's check (on CPU, tolist() shows in no mode)
+    check_all = deferred.PendingChecks.check_all
+
+    def counted(self, transport):
+        checks.append(len(self._entries))
+        return check_all(self, transport)
+    deferred.PendingChecks.check_all = counted
+    try:
+        with CountHostReads() as reads, CountOps() as ops:
+            for _ in range(3):
+                step(x)
+    finally:
+        deferred.PendingChecks.check_all = check_all
+    assert reads.calls == [], f"rank {RANK}: host reads {reads.calls}"
+    assert "aten._local_scalar_dense.default" not in ops.ops, f"rank {RANK}: a scalar read"
+    # One check per step that reads the headers of all 6 layers (the first backward exchange);
+    # the later backward exchanges find nothing left.
+    assert [n for n in checks if n] == [6] * 3, checks
+
+    bad = SIZE - 1
+    layers = [m for m in model.modules() if isinstance(m, ShuffleBatchNorm)]
+    # One rank's batch is too small: no rank raises in the forward, every rank in backward.
+    tiny = make_input((1, 3, 1, 1), torch.float64, seed=RANK) if RANK == bad else x
+    y = forward(tiny)
+    expect_error(lambda: y.square().mean().backward(), f"rank {bad}",
+                 "more than 1 value per channel")
+    # The permutations differ on one rank: every rank raises in backward.
+    layers[1].permutation = "shift" if RANK != bad else list(range(SIZE))
+    y = forward(x)
+    expect_error(lambda: y.square().mean().backward(), "disagree on the permutation")
+    layers[1].permutation = "derangement"
+    # The input needs a gradient on some ranks only: the ranks with a backward raise there, the
+    # others at their next forward of that layer.
+    x_grad = x.detach().requires_grad_(RANK != bad)
+    y = layers[0](x_grad)
+    expect_error(lambda: y.sum().backward() if RANK != bad else layers[0](x_grad),
+                 "requires grad on ranks")
+    # A key encoder alone (no backward in the step): checked at its next forward.
+    with torch.no_grad():
+        key_encoder(tiny)
+        expect_error(lambda: key_encoder(x), f"rank {bad}", "more than 1 value per channel")
+    # Afterwards the layers still match the reference, the pooled one too (groups: case_groups).
+    for layer in layers[1:]:
+        run_and_check(layer, (3 + RANK % 2, 4, 3), torch.float64, steps=2)
 
 
 def case_others():
@@ -693,6 +770,8 @@ def case_others():
                           **({"process_group": group} if TORCHRUN else {"process_set": group}))
         run_and_check(layer, (3, 3, 4), torch.float64, steps=1, ranks=mine)
 
+    if DEFERRED:  # the errors come out of the step's check: case_deferred_checks
+        return
     # Bad input on one rank, a rank that borrows differently: the same error everywhere.
     bad = SIZE - 1
     layer = ShuffleBN(4, borrow_from="others")
@@ -710,6 +789,11 @@ def case_others():
 
 CASES = {name[len("case_"):]: fn for name, fn in sorted(globals().items())
          if name.startswith("case_")}
+# Cases whose errors must come out of the forward that failed: with deferred checks they come
+# out of the step's check, which case_deferred_checks tests.
+IMMEDIATE_ERRORS = ("bad_inputs", "layers_called_in_different_orders")
+for name in (IMMEDIATE_ERRORS if DEFERRED else ("deferred_checks",)):
+    del CASES[name]
 PROCESS_SETS = []
 
 

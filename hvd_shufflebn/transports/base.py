@@ -22,6 +22,7 @@ class Transport:
     reason: str = ""  # why "auto" chose it (or "asked for")
     stall_board = None  # where waiting ranks tell each other where they wait (waits.py)
     broken: Optional[str] = None  # set when a wait timed out: late messages would be mismatched
+    pending = None  # deferred.PendingChecks, on a transport that can leave its checks for later
 
     def exchange(self, name: str, rows: Rows, expect: Dict[int, int], width: int, device,
                  context: WaitContext,
@@ -41,6 +42,17 @@ class Transport:
         """Where this transport wants the rows of a layer whose input lives on ``device``: the
         host for transports that stage through host memory."""
         return torch.device("cpu")
+
+    def defers_checks(self, device: torch.device) -> bool:
+        """Whether a forward on ``device`` leaves its agreement check for the step's one read
+        (deferred.py): where reading the summed header at once would make the host wait for a
+        GPU."""
+        return False
+
+    def all_gather(self, name: str, tensor: torch.Tensor, context: WaitContext) -> torch.Tensor:
+        """Every rank's ``tensor`` (the same size on every rank), as (size, n) in rank order, on
+        ``tensor``'s device (for transports that defer their checks)."""
+        raise NotImplementedError
 
     def current(self, requested: str) -> bool:
         """Whether a layer that asked for ``requested`` may keep using this transport (a
@@ -68,16 +80,18 @@ class Transport:
     # torch.distributed) check once per layer, before its first exchange, that all ranks agree
     # on num_features; their worlds never change size within a process, so once is enough.
     # Horovod's header names a mismatch instead (its world can change: elastic).
+    # A transport that defers its checks also agrees on what decides its forward's collective
+    # and size (``also``: groups_per_rank and borrow_from).
     AGREE_ON_LENGTHS_FIRST = False
 
-    def agree_before_first_exchange(self, layer: str, num_features: int,
-                                    context: WaitContext) -> None:
+    def agree_before_first_exchange(self, layer: str, num_features: int, context: WaitContext,
+                                    also: Tuple[Tuple[str, int], ...] = ()) -> None:
         if not self.AGREE_ON_LENGTHS_FIRST:
             return
         agreed = self.__dict__.setdefault("_agreed", set())
         if layer not in agreed:
-            raise_unless_all_ranks_agree(self, layer + ".num_features", "num_features",
-                                         num_features, context)
+            for what, value in (("num_features", num_features),) + also:
+                raise_unless_all_ranks_agree(self, f"{layer}.{what}", what, value, context)
             agreed.add(layer)
 
     def check_usable(self) -> None:

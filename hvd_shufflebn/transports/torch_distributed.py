@@ -6,6 +6,7 @@ from typing import Dict
 import torch
 import torch.distributed as dist
 
+from ..deferred import PendingChecks, forced as deferred_forced
 from ..waits import wait_until
 from .base import Transport, pack_rows, rows_from, unpack_rows
 
@@ -33,6 +34,12 @@ class TorchDistributedTransport(Transport):
         self._device = (torch.device("cuda", torch.cuda.current_device()) if backend == "nccl"
                         else torch.device("cpu"))
         self.stall_board = StoreStallBoard(self._global_ranks, self.rank)
+        self.pending = PendingChecks()
+        self._defer_everywhere = deferred_forced()
+
+    def defers_checks(self, device):
+        """Under NCCL with CUDA tensors (or everywhere, with $HVD_SHUFFLEBN_DEFER_CHECKS=1)."""
+        return self._defer_everywhere or self.rows_device(device).type == "cuda"
 
     def rows_device(self, device):
         """CUDA tensors stay on their own device under NCCL; everything else goes through the
@@ -44,8 +51,12 @@ class TorchDistributedTransport(Transport):
     def current(self, requested):
         return dist.is_initialized()
 
-    def _wait(self, works, context, waiting_for):
-        wait_until(lambda: all(w.is_completed() for w in works), context, self, waiting_for)
+    def _wait(self, works, context, waiting_for, on_gpu=False):
+        """Bounded by polling from the host; on a GPU the current stream only waits for the
+        collective (polling would make the host wait for the device), and what bounds a hang is
+        NCCL's own watchdog (init_process_group's timeout)."""
+        if not on_gpu:
+            wait_until(lambda: all(w.is_completed() for w in works), context, self, waiting_for)
         for work in works:
             work.wait()  # done: raises what the backend reported, if anything
 
@@ -56,7 +67,7 @@ class TorchDistributedTransport(Transport):
         if header is not None:
             totals = torch.cat([header, sums.to(device)])
             self._wait([dist.all_reduce(totals, group=self.group, async_op=True)], context,
-                       "the sum over all ranks")
+                       "the sum over all ranks", device.type == "cuda")
             check(totals[:header.numel()].cpu())
             summed = totals[header.numel():].to(device)
         # One all_to_all_single with a row count per peer (most of them 0): a collective, so its
@@ -68,7 +79,7 @@ class TorchDistributedTransport(Transport):
         work = dist.all_to_all_single(received, sent.contiguous(),
                                       receive_counts, send_counts, group=self.group,
                                       async_op=True)
-        self._wait([work], context, rows_from(expect))
+        self._wait([work], context, rows_from(expect), device.type == "cuda")
         return unpack_rows(received, receive_counts, expect, device), summed
 
     def sum_and_check(self, name, header, sums, check, context):
@@ -82,8 +93,15 @@ class TorchDistributedTransport(Transport):
         # CUDA tensors stay where they are under NCCL; the rest go where the group sums.
         summed = totals.to(self.rows_device(totals.device) if totals.is_cuda else self._device)
         self._wait([dist.all_reduce(summed, group=self.group, async_op=True)], context,
-                   "the sum over all ranks")
+                   "the sum over all ranks", summed.is_cuda)
         return summed.to(totals.device)
+
+    def all_gather(self, name, tensor, context):
+        self.check_usable()
+        out = torch.empty(self.size * tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+        self._wait([_all_gather_single(out, tensor, group=self.group, async_op=True)], context,
+                   "every rank's rows", tensor.is_cuda)
+        return out.view(self.size, -1)
 
     def gather_objects(self, name, obj, context):
         self.check_usable()
@@ -98,6 +116,10 @@ class TorchDistributedTransport(Transport):
                    "every rank's report")
         padded, lengths = padded.cpu(), lengths.tolist()
         return [pickle.loads(padded[r, :lengths[r]].numpy().tobytes()) for r in range(self.size)]
+
+
+# all_gather_into_tensor's newer name (torch >= 2.13).
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class StoreStallBoard:
