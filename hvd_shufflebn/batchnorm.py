@@ -335,6 +335,8 @@ class ShuffleBatchNorm(_BatchNorm):
         statistics as the forward it recomputes, no communication, no change of state."""
         record = self._records.take(recompute.checkpoint_call())
         if record is None:
+            if transport.pending:  # a forward that failed keeps no record: its error first
+                transport.pending.check_all(transport)
             raise ShuffleBatchNormError(
                 f"ShuffleBatchNorm {self.name!r}: a forward ran inside a backward pass, but not "
                 "as the recomputation of a forward of this layer inside torch.utils.checkpoint "

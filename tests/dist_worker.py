@@ -79,8 +79,10 @@ class Gatherer:
 
 gather = None
 RANK = SIZE = None
-# The transport under test: "auto" (MPI under mpirun, Horovod under Gloo), "horovod" or "mpi".
-TRANSPORT = os.environ.get("SHUFFLEBN_TEST_TRANSPORT", "auto")
+# The transports under test, comma-separated (all cases run for each, in one launch: a launch
+# costs seconds of start-up): "auto" (MPI under mpirun, Horovod under Gloo), "horovod" or "mpi".
+TRANSPORTS = os.environ.get("SHUFFLEBN_TEST_TRANSPORT", "auto").split(",")
+TRANSPORT = TRANSPORTS[0]
 
 
 def ShuffleBN(*args, **kwargs):
@@ -692,6 +694,12 @@ def case_deferred_checks():
     y = layers[0](x_grad)
     expect_error(lambda: y.sum().backward() if RANK != bad else layers[0](x_grad),
                  "requires grad on ranks")
+    # Under activation checkpointing the failed forward keeps no record to replay: its rank's
+    # recomputation raises the step's error, like the others' backward.
+    from torch.utils.checkpoint import checkpoint
+    t = make_input((1, 4, 1) if RANK == bad else (4, 4, 3), torch.float64, seed=RANK)
+    y = checkpoint(layers[1], t, use_reentrant=True)  # recomputes the whole forward
+    expect_error(lambda: y.sum().backward(), f"rank {bad}", "more than 1 value per channel")
     # A key encoder alone (no backward in the step): checked at its next forward.
     with torch.no_grad():
         key_encoder(tiny)
@@ -798,7 +806,7 @@ PROCESS_SETS = []
 
 
 def main(names):
-    global gather, RANK, SIZE
+    global gather, RANK, SIZE, TRANSPORT
     torch.set_num_threads(1)
     if TORCHRUN:
         dist.init_process_group("gloo")
@@ -812,12 +820,14 @@ def main(names):
         hvd.init(process_sets=PROCESS_SETS or None)
         RANK, SIZE = hvd.rank(), hvd.size()
     gather = Gatherer()
-    for name in names or CASES:
-        started = time.time()
-        CASES[name]()
-        gather(None)  # every rank finished this case before the next begins
-        if RANK == 0:
-            print(f"PASS {name} ({SIZE} ranks, {time.time() - started:.1f} s)", flush=True)
+    for TRANSPORT in TRANSPORTS:
+        for name in names or CASES:
+            started = time.time()
+            CASES[name]()
+            gather(None)  # every rank finished this case before the next begins
+            if RANK == 0:
+                print(f"PASS {name} ({SIZE} ranks, transport={TRANSPORT}, "
+                      f"{time.time() - started:.1f} s)", flush=True)
     if TORCHRUN:
         gather(None)
         # Leave without destroy_process_group(): with Gloo it can abort a worker at exit.

@@ -14,8 +14,8 @@ WORKER = ROOT / "tests" / "dist_worker.py"
 
 @pytest.mark.mpi
 @pytest.mark.parametrize("launcher,ranks,transport", [
-    ("mpirun", 2, "auto"), ("mpirun", 3, "auto"), ("mpirun", 4, "auto"), ("mpirun", 8, "auto"),
-    ("mpirun", 2, "horovod"), ("mpirun", 4, "horovod"),
+    ("mpirun", 2, "auto,horovod"), ("mpirun", 3, "auto"), ("mpirun", 4, "auto,horovod"),
+    ("mpirun", 8, "auto"),
     ("horovodrun-gloo", 3, "auto"), ("horovodrun-mpi", 2, "mpi"),
     ("torchrun", 2, "auto"), ("torchrun", 3, "torch.distributed-deferred"),
     ("torchrun", 4, "auto"),
@@ -32,8 +32,9 @@ def test_layer_matches_float64_reference(launcher, ranks, transport, tmp_path):
     done = run(launcher, ranks, WORKER, SHUFFLEBN_TEST_DIR=str(tmp_path),
                SHUFFLEBN_TEST_TRANSPORT=transport, **env)
     assert done.returncode == 0, f"a rank failed (exit {done.returncode})"
-    passed = sorted(re.findall(r"PASS (\w+) \(\d+ ranks", done.stdout))
-    assert passed == expected
+    for one in transport.split(","):  # "a,b": every case with a, then with b, in one launch
+        passed = re.findall(rf"PASS (\w+) \(\d+ ranks, transport={one},", done.stdout)
+        assert sorted(passed) == expected, (one, passed)
 
 
 @pytest.mark.mpi

@@ -56,7 +56,10 @@ def hosts():
 
 def launch(hosts, launcher, *extra):
     argv = launcher_argv(launcher, hosts) + [PYTHON, PROBE, str(HOSTS), str(SLOTS), *extra]
-    proc = hosts.run(argv, timeout=TIMEOUT, cwd=os.path.dirname(HERE))
+    # 4 ranks on 2 shared cores: a rank waiting in MPI must yield its core to the one it waits
+    # for (Open MPI spins otherwise; horovodrun --mpi passes this on too).
+    proc = hosts.run(argv, timeout=TIMEOUT, cwd=os.path.dirname(HERE),
+                     env=dict(hosts.env, OMPI_MCA_mpi_yield_when_idle="1"))
     report = f"$ {' '.join(argv)}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
     assert proc.returncode == 0, report
     # One report per rank, from both hosts (plain mpirun may interleave the ranks' lines).
