@@ -69,7 +69,7 @@ class Gatherer:
                 deadline = time.time() + 120
                 while not os.path.exists(path.format(r)):
                     assert time.time() < deadline, f"rank {r} never wrote {path.format(r)}"
-                    time.sleep(0.01)
+                    time.sleep(0.001)
                 with open(path.format(r), "rb") as f:
                     gathered.append(pickle.load(f))
             hvd.allreduce(torch.zeros(1), name=f"test.gather.{self.calls}")  # all have read

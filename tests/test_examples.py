@@ -41,13 +41,33 @@ def test_ddp_example_under_torchrun():
     assert len(losses) == 2 and losses[1] < losses[0], losses
 
 
-@pytest.mark.mpi
-@pytest.mark.parametrize("bn", ["shuffle", "plain", "sync"])
-def test_moco_quick_loss_falls(bn):
+MOCO_RUNS = ROOT / "tests" / "moco_runs.py"  # several runs of the example in one launch
+QUICK_MODES = ["shuffle", "plain", "sync"]
+
+
+def exit_codes(stdout, runs):
+    """What each run of moco_runs.py would have exited with, by index (every rank agrees)."""
+    codes = {}
+    for index, code in re.findall(r"MOCO_RUN (\d+) exit (\d+)", stdout):
+        assert codes.setdefault(int(index), int(code)) == int(code), stdout
+    assert sorted(codes) == list(range(runs)), stdout
+    return codes
+
+
+@pytest.fixture(scope="module")
+def quick_runs():
     # The check needs the loss only; 8 epochs (200 steps) are plenty for it to fall.
-    done = run("mpirun", 2, ROOT / "examples" / "moco_digits.py", "--quick", "--bn", bn,
-               "--epochs", "8", "--probe-draws", "1", "--knn-every", "20")
-    assert done.returncode == 0  # --quick exits non-zero if the loss did not fall or diverged
+    done = run("mpirun", 2, MOCO_RUNS, *[f"--quick --bn {bn} --epochs 8 --probe-draws 1 "
+                                         "--knn-every 20" for bn in QUICK_MODES])
+    assert done.returncode == 0
+    return exit_codes(done.stdout, len(QUICK_MODES))
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("bn", QUICK_MODES)
+def test_moco_quick_loss_falls(quick_runs, bn):
+    # --quick exits non-zero if the loss did not fall or diverged.
+    assert quick_runs[QUICK_MODES.index(bn)] == 0
 
 
 @pytest.mark.mpi
@@ -102,32 +122,43 @@ def test_one_process_example_needs_no_launcher():
     assert len(losses) == 2 and losses[1] < losses[0], losses
 
 
-@pytest.mark.mpi
-@pytest.mark.parametrize("bn", [["--bn", "plain"], ["--bn", "shuffle"],
-                                ["--bn", "shuffle", "--groups", "2"], ["--bn", "sync"]],
-                         ids=["plain", "shuffle", "shuffle-g2", "sync"])
-def test_moco_simulated_ranks_match_horovod(bn, tmp_path):
-    """--simulate-ranks 2 in one process gives the per-step losses of 2 Horovod ranks: the same
-    shards, views, normalisation, gradient averaging and queue. Float32 rounding differs (one
-    convolution over both slices, another summation order for the gradient) and training
-    amplifies it: the first 4 steps agree to 1e-6, the 8th to ~3e-5 (sync). A wrong shard, view,
-    statistic or gradient scale moves the loss by 1e-3 or more from the second step on."""
-    args = ["--epochs", "2", "--train-size", "256", "--knn-every", "2", "--probe-draws", "1", *bn]
-    # The simulation runs while the ranks start up: one process beside them.
-    with subprocess.Popen([sys.executable, str(ROOT / "examples" / "moco_digits.py"), *args,
-                           "--simulate-ranks", "2", "--out", str(tmp_path / "sim.json")],
-                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True) as sim:
+SIM_MODES = {"plain": "--bn plain", "shuffle": "--bn shuffle",
+             "shuffle-g2": "--bn shuffle --groups 2", "sync": "--bn sync"}
+
+
+@pytest.fixture(scope="module")
+def real_and_simulated(tmp_path_factory):
+    """Every mode of SIM_MODES under 2 Horovod ranks (one launch) and simulated in one process
+    (beside it): the per-step losses of each, by mode."""
+    out = tmp_path_factory.mktemp("moco_sim")
+    common = "--epochs 2 --train-size 256 --knn-every 2 --probe-draws 1"
+    runs = {kind: [f"{common} {args} --out {out}/{kind}-{mode}.json{extra}"
+                   for mode, args in SIM_MODES.items()]
+            for kind, extra in (("real", ""), ("sim", " --simulate-ranks 2"))}
+    with subprocess.Popen([sys.executable, str(MOCO_RUNS), *runs["sim"]], cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as sim:
         try:
-            real = run("mpirun", 2, ROOT / "examples" / "moco_digits.py", *args,
-                       "--out", str(tmp_path / "real.json"))
+            real = run("mpirun", 2, MOCO_RUNS, *runs["real"])
             sim_out, _ = sim.communicate(timeout=TIMEOUT)
         finally:
             sim.kill()
     print(sim_out)
     assert real.returncode == 0 and sim.returncode == 0
-    losses = [json.loads((tmp_path / f"{name}.json").read_text())["step_losses"]
-              for name in ("real", "sim")]
+    assert set(exit_codes(real.stdout, len(SIM_MODES)).values()) == {0}
+    assert set(exit_codes(sim_out, len(SIM_MODES)).values()) == {0}
+    return {mode: [json.loads((out / f"{kind}-{mode}.json").read_text())["step_losses"]
+                   for kind in ("real", "sim")] for mode in SIM_MODES}
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("mode", list(SIM_MODES))
+def test_moco_simulated_ranks_match_horovod(real_and_simulated, mode):
+    """--simulate-ranks 2 in one process gives the per-step losses of 2 Horovod ranks: the same
+    shards, views, normalisation, gradient averaging and queue. Float32 rounding differs (one
+    convolution over both slices, another summation order for the gradient) and training
+    amplifies it: the first 4 steps agree to 1e-6, the 8th to ~3e-5 (sync). A wrong shard, view,
+    statistic or gradient scale moves the loss by 1e-3 or more from the second step on."""
+    losses = real_and_simulated[mode]
     assert len(losses[0]) == len(losses[1]) == 8
     gaps = [abs(a - b) for a, b in zip(*losses)]
     assert max(gaps[:4]) < 1e-5 and max(gaps) < 2e-4, gaps
