@@ -70,9 +70,10 @@ def borrow(transport, layer, plan, means: List[torch.Tensor], variances: List[to
     """The shuffled forward exchange as one all-gather of a fixed size; the header is summed on
     the device and left for the step's check. Returns what borrow_across_ranks returns."""
     device, acc = means[0].device, means[0].dtype
+    where = transport.rows_device(device)  # the input's GPU under NCCL
     k, c = len(means), means[0].numel()
-    rows, sums = rows_and_sums(means, variances, counts, device)
-    header = host_values(report_header + [float(sum(counts))], device)
+    rows, sums = rows_and_sums(means, variances, counts, where)
+    header = host_values(report_header + [float(sum(counts))], where)
     h = header.numel()
     everyone = transport.all_gather(layer.name, torch.cat([header, sums, rows.view(-1)]),
                                     context)  # (size, h + 2C + 2kC)
@@ -86,7 +87,8 @@ def borrow(transport, layer, plan, means: List[torch.Tensor], variances: List[to
     for g in plan.perm[transport.rank * k:(transport.rank + 1) * k]:
         start = h + 2 * c * (1 + g % k)
         lenders.append(everyone[g // k, start:start + 2 * c])
-    back = torch.stack(lenders + [torch.cat([global_mean, global_var])]).to(acc).unbind(0)
+    back = torch.stack(lenders + [torch.cat([global_mean, global_var])]).to(device, acc)
+    back = back.unbind(0)
     return ForwardResult([r[:c] for r in back[:k]], [r[c:] for r in back[:k]], back[k][:c],
                          back[k][c:])
 
