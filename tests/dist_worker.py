@@ -704,6 +704,12 @@ def case_deferred_checks():
     with torch.no_grad():
         key_encoder(tiny)
         expect_error(lambda: key_encoder(x), f"rank {bad}", "more than 1 value per channel")
+    # What decides the all-gather's size is agreed at a layer's first forward, there and then.
+    x3 = make_input((4, 4, 3), torch.float64, seed=RANK)
+    odd = ShuffleBN(4, groups_per_rank=2 if RANK == bad else 1)
+    expect_error(lambda: odd(x3), "disagree on groups_per_rank", f"rank {bad} has 2")
+    odd = ShuffleBN(4, borrow_from="others" if RANK == bad else "permutation")
+    expect_error(lambda: odd(x3), "disagree on borrow_from='others'", f"rank {bad} has 1")
     # Afterwards the layers still match the reference, the pooled one too (groups: case_groups).
     for layer in layers[1:]:
         run_and_check(layer, (3 + RANK % 2, 4, 3), torch.float64, steps=2)
