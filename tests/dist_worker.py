@@ -655,7 +655,8 @@ def case_deferred_checks():
         forward(x).square().mean().backward()
 
     x = make_input((4, 3, 4, 4), torch.float64, seed=RANK)
-    for _ in range(2):  # first steps: each layer agrees on num_features and groups_per_rank once
+    # The first steps: each layer agrees on num_features, groups_per_rank and borrow_from once.
+    for _ in range(2):
         step(x)
     checks = []  # the reads of the step's check (on CPU, tolist() shows in no mode)
     check_all = deferred.PendingChecks.check_all
