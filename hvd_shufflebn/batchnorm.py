@@ -283,7 +283,7 @@ class ShuffleBatchNorm(_BatchNorm):
                 self._update_running_stats(input, result, step)
         if error is not None:  # deferred checks only: the step's check raises on every rank
             self._advance_step(step)
-            return deferred.PassThrough.apply(input, transport) if needs_grad else input
+            return deferred.PassThrough.apply(input, transport) if needs_grad else input.clone()
         weight, bias = _in_dtype(self.weight, acc), _in_dtype(self.bias, acc)
         if needs_grad:
             borrowed = Borrowed(chunks, sizes, counts, means, variances, result.means,

@@ -16,8 +16,8 @@ one copy, which happens
 * at a training forward of a layer whose previous forward is still unchecked: a step without a
   backward (a key encoder alone) is checked at the next step's first forward.
 
-Every rank then raises the same ShuffleBatchNormError. The rank whose input was bad passes its
-input through unchanged (and raises in its backward at the same check), so that it keeps taking
+Every rank then raises the same ShuffleBatchNormError. The rank whose input was bad passes a
+copy of its input on (and raises in its backward at the same check), so that it keeps taking
 part in the step's exchanges. What the failed step changed stays changed: the layers' step
 counters and running statistics (taken from the batches of the ranks without a local error).
 """
@@ -103,13 +103,14 @@ def host_values(values: List[float], device: torch.device) -> torch.Tensor:
 
 
 class PassThrough(torch.autograd.Function):
-    """The output of a rank whose own input failed while the check waits: the input itself, and
-    in backward that rank reaches the step's check like the others."""
+    """The output of a rank whose own input failed while the check waits: a copy of the input
+    (not a view: an in-place ReLU after the layer must work), and in backward that rank reaches
+    the step's check like the others."""
 
     @staticmethod
     def forward(ctx, input, transport):
         ctx.transport = transport
-        return input.view_as(input)
+        return input.clone()
 
     @staticmethod
     def backward(ctx, grad_output):

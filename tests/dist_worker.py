@@ -641,7 +641,7 @@ def case_deferred_checks():
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         ShuffleBN(3, groups_per_rank=2), torch.nn.Conv2d(3, 4, 3, padding=1),
-        ShuffleBN(4), torch.nn.ReLU(), ShuffleBN(4, borrow_from="others")).double()
+        ShuffleBN(4), torch.nn.ReLU(inplace=True), ShuffleBN(4, borrow_from="others")).double()
     key_encoder = copy.deepcopy(model)
 
     def forward(x):  # MoCo's order: the query encoder, then the key encoder without grad
