@@ -267,7 +267,7 @@ class ShuffleBatchNorm(_BatchNorm):
                                           needs_grad)
                 report = lambda: make_report(self, error, plan, needs_grad)  # noqa: E731
             if deferring and transport.pending.holds(self):  # a step without backward
-                transport.pending.check_all(transport)
+                transport.check_pending()
             if pooled:
                 result, pool_counts = borrow_pooled(transport, self, means, variances, counts,
                                                     header, report, context)
@@ -335,8 +335,7 @@ class ShuffleBatchNorm(_BatchNorm):
         statistics as the forward it recomputes, no communication, no change of state."""
         record = self._records.take(recompute.checkpoint_call())
         if record is None:
-            if transport.pending:  # a forward that failed keeps no record: its error first
-                transport.pending.check_all(transport)
+            transport.check_pending()  # a forward that failed keeps no record: its error first
             raise ShuffleBatchNormError(
                 f"ShuffleBatchNorm {self.name!r}: a forward ran inside a backward pass, but not "
                 "as the recomputation of a forward of this layer inside torch.utils.checkpoint "

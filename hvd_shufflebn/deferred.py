@@ -26,7 +26,7 @@ from typing import List, Sequence
 
 import torch
 
-from .agreement import raise_if_any_rank_failed
+from .agreement import HEADER, raise_if_any_rank_failed
 from .exchange import ForwardResult, rows_and_sums
 
 DEFER_ENV = "HVD_SHUFFLEBN_DEFER_CHECKS"  # "1": the deferred check on any device (for tests)
@@ -73,15 +73,14 @@ def borrow(transport, layer, plan, means: List[torch.Tensor], variances: List[to
     where = transport.rows_device(device)  # the input's GPU under NCCL
     k, c = len(means), means[0].numel()
     rows, sums = rows_and_sums(means, variances, counts, where)
-    header = host_values(report_header + [float(sum(counts))], where)
+    header = header_and_count(report_header, counts, where)
     h = header.numel()
     everyone = transport.all_gather(layer.name, torch.cat([header, sums, rows.view(-1)]),
                                     context)  # (size, h + 2C + 2kC)
-    summed = everyone[:, :h + 2 * c].sum(0)
-    transport.pending.add(layer, summed[:h - 1], make_report, context)
-    total = summed[h - 1]
-    global_mean = summed[h:h + c] / total
-    global_var = (summed[h + c:] / total).addcmul_(global_mean, global_mean, value=-1)
+    total, summed = leave_for_the_check(transport, layer, everyone[:, :h + 2 * c].sum(0),
+                                        make_report, context)
+    global_mean = summed[:c] / total
+    global_var = (summed[c:] / total).addcmul_(global_mean, global_mean, value=-1)
     global_var.clamp_min_(0).mul_(total / (total - 1))
     lenders = []  # the row of group g: its rank's (g // k), after the header and the sums
     for g in plan.perm[transport.rank * k:(transport.rank + 1) * k]:
@@ -91,6 +90,20 @@ def borrow(transport, layer, plan, means: List[torch.Tensor], variances: List[to
     back = back.unbind(0)
     return ForwardResult([r[:c] for r in back[:k]], [r[c:] for r in back[:k]], back[k][:c],
                          back[k][c:])
+
+
+def header_and_count(report_header: List[float], counts: Sequence[int],
+                     device: torch.device) -> torch.Tensor:
+    """What this rank adds to the summed header (agreement.py), then its number of values per
+    channel, on ``device``."""
+    return host_values(report_header + [float(sum(counts))], device)
+
+
+def leave_for_the_check(transport, layer, summed: torch.Tensor, make_report, context):
+    """``summed`` begins with the summed header and count (header_and_count): the header waits
+    for the step's check; returns the global count (a device scalar) and what follows it."""
+    transport.pending.add(layer, summed[:HEADER], make_report, context)
+    return summed[HEADER], summed[HEADER + 1:]
 
 
 def host_values(values: List[float], device: torch.device) -> torch.Tensor:
@@ -114,5 +127,5 @@ class PassThrough(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        ctx.transport.pending.check_all(ctx.transport)
+        ctx.transport.check_pending()
         return grad_output, None

@@ -119,8 +119,7 @@ class RouteBack:
         my lending groups receive, as two lists of (C,) rows in my groups' order, and whether
         they are already weighted by the borrower's weight."""
         plan = self.plan
-        if self.transport.pending:  # deferred checks (deferred.py): the step's one read
-            self.transport.pending.check_all(self.transport)
+        self.transport.check_pending()  # deferred checks (deferred.py): the step's one read
         if not plan.route.crosses:  # every rank's lenders are its own: nothing travels
             order = [t for _, t in plan.borrowers]
             return [sum_dy[t] for t in order], [sum_dy_xmu_invstd[t] for t in order], False

@@ -24,7 +24,7 @@ from typing import List, Sequence, Tuple
 import torch
 
 from .agreement import raise_if_any_rank_failed
-from .deferred import host_values
+from .deferred import header_and_count, leave_for_the_check
 from .exchange import ForwardResult
 from .waits import WaitContext
 
@@ -46,11 +46,10 @@ def borrow_pooled(transport, layer, means: List[torch.Tensor], variances: List[t
     shares = scale_rows(shares, counts, dim=1)
     mine = shares.sum(1)  # (2, C): S1 and S2 of my groups
     if across and transport.defers_checks(device):  # no read: the step's check (deferred.py)
-        header = host_values(report_header + [float(sum(counts))], where)
-        h = header.numel()
+        header = header_and_count(report_header, counts, where)
         summed = transport.sum(layer.name, torch.cat([header, mine.view(-1)]), context)
-        transport.pending.add(layer, summed[:h - 1], make_report, context)
-        total, totals = summed[h - 1], summed[h:].view(2, c)  # M: a device scalar
+        total, totals = leave_for_the_check(transport, layer, summed, make_report, context)
+        totals = totals.view(2, c)  # and M, the global count: a device scalar
     elif across:
         header = torch.tensor(report_header + [float(sum(counts))], dtype=torch.float64)
         summed_count = []
@@ -102,8 +101,7 @@ class SumBack:
     def __call__(self, terms: torch.Tensor) -> torch.Tensor:
         if self.transport.size == 1:
             return terms
-        if self.transport.pending:  # deferred checks (deferred.py): the step's one read
-            self.transport.pending.check_all(self.transport)
+        self.transport.check_pending()  # deferred checks (deferred.py): the step's one read
         where = self.transport.rows_device(terms.device)
         summed = self.transport.sum(self.name + ".pool.grad", terms.reshape(-1).to(where),
                                     self.context)

@@ -49,6 +49,11 @@ class Transport:
         GPU."""
         return False
 
+    def check_pending(self) -> None:
+        """Run the agreement checks left for the step's one read (deferred.py), if any."""
+        if self.pending:
+            self.pending.check_all(self)
+
     def all_gather(self, name: str, tensor: torch.Tensor, context: WaitContext) -> torch.Tensor:
         """Every rank's ``tensor`` (the same size on every rank), as (size, n) in rank order, on
         ``tensor``'s device (for transports that defer their checks)."""
