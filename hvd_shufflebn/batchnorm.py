@@ -20,7 +20,8 @@ from . import permutation as perms
 from .errors import ShuffleBatchNormError
 from .exchange import RouteBack, borrow_across_ranks, borrow_locally, make_report
 from .functional import (Borrowed, ShuffleBatchNormFunction, accumulation_dtype,
-                         group_statistics, Groups, groups_of, normalise, shape_error, split_groups)
+                         failed_groups, group_statistics, groups_of, normalise, shape_error,
+                         split_groups)
 from .plan import POOLED, fingerprint, layer_key, plan_for
 from .pooled import SumBack, borrow_pooled
 from .transports import TRANSPORTS, make_transport
@@ -247,7 +248,7 @@ class ShuffleBatchNorm(_BatchNorm):
         groups = groups_of(input.shape, input.dtype, self.num_features, k)
         error = plan.error or groups.error
         if error is not None:  # nothing of this input counts; the forward only reports
-            groups = Groups(error, (0,) * k, (0,) * k)
+            groups = failed_groups(error, k)
         if error is not None and transport.size == 1:
             raise ShuffleBatchNormError(f"ShuffleBatchNorm {self.name!r}: {error}")
         needs_grad = input.requires_grad and torch.is_grad_enabled()
@@ -286,7 +287,7 @@ class ShuffleBatchNorm(_BatchNorm):
             return deferred.PassThrough.apply(input, transport) if needs_grad else input.clone()
         weight, bias = _in_dtype(self.weight, acc), _in_dtype(self.bias, acc)
         if needs_grad:
-            borrowed = Borrowed(chunks, sizes, counts, means, variances, result.means,
+            borrowed = Borrowed(chunks, groups, means, variances, result.means,
                                 result.variances, self.eps,
                                 self._route_back(transport, plan, step), pool_counts)
             output = ShuffleBatchNormFunction.apply(input, weight, bias, borrowed)
@@ -294,7 +295,7 @@ class ShuffleBatchNorm(_BatchNorm):
             output = normalise(chunks, weight, bias, result.means, result.variances, self.eps)
         call = recompute.checkpoint_call()
         if call is not None:  # a checkpointed block: its recomputation will replay this forward
-            self._records.add(call, recompute.Record(step, plan, sizes, counts, means, variances,
+            self._records.add(call, recompute.Record(step, plan, groups, means, variances,
                                                      result.means, result.variances, pool_counts))
         self._advance_step(step)
         self.__dict__.update(last_permutation=plan.perm, _input_dim=input.dim())
@@ -343,7 +344,7 @@ class ShuffleBatchNorm(_BatchNorm):
                 "could replay. Run training forwards outside backward hooks, or checkpoint with "
                 "torch.utils.checkpoint.")
         acc = accumulation_dtype(input.dtype)
-        borrowed = Borrowed(split_groups(input, record.sizes), record.sizes, record.counts,
+        borrowed = Borrowed(split_groups(input, record.groups.sizes), record.groups,
                             record.own_means, record.own_vars, record.borrowed_means,
                             record.borrowed_vars, self.eps,
                             self._route_back(transport, record.plan, record.step),

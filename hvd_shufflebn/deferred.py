@@ -27,7 +27,7 @@ from typing import List, Sequence
 import torch
 
 from .agreement import HEADER, raise_if_any_rank_failed
-from .exchange import ForwardResult, rows_and_sums
+from .exchange import ForwardResult, copy_back, global_statistics, rows_and_sums, stack_rows
 
 DEFER_ENV = "HVD_SHUFFLEBN_DEFER_CHECKS"  # "1": the deferred check on any device (for tests)
 
@@ -77,19 +77,15 @@ def borrow(transport, layer, plan, means: List[torch.Tensor], variances: List[to
     h = header.numel()
     everyone = transport.all_gather(layer.name, torch.cat([header, sums, rows.view(-1)]),
                                     context)  # (size, h + 2C + 2kC)
-    total, summed = leave_for_the_check(transport, layer, everyone[:, :h + 2 * c].sum(0),
-                                        make_report, context)
-    global_mean = summed[:c] / total
-    global_var = (summed[c:] / total).addcmul_(global_mean, global_mean, value=-1)
-    global_var.clamp_min_(0).mul_(total / (total - 1))
+    total, moments = leave_for_the_check(transport, layer, everyone[:, :h + 2 * c].sum(0),
+                                         make_report, context)
     lenders = []  # the row of group g: its rank's (g // k), after the header and the sums
     for g in plan.perm[transport.rank * k:(transport.rank + 1) * k]:
         start = h + 2 * c * (1 + g % k)
         lenders.append(everyone[g // k, start:start + 2 * c])
-    back = torch.stack(lenders + [torch.cat([global_mean, global_var])]).to(device, acc)
-    back = back.unbind(0)
-    return ForwardResult([r[:c] for r in back[:k]], [r[c:] for r in back[:k]], back[k][:c],
-                         back[k][c:])
+    back = copy_back(stack_rows(lenders), global_statistics(moments, total), device, acc)
+    return ForwardResult(list(back[0:2 * k:2]), list(back[1:2 * k:2]), back[2 * k],
+                         back[2 * k + 1])
 
 
 def header_and_count(report_header: List[float], counts: Sequence[int],

@@ -59,17 +59,27 @@ def borrow_across_ranks(transport, layer, plan: plans.StepPlan, means, variances
         layer.name, sends, expect, 2 * c, where, context, header.to(where), sums, check,
         match=plans.match_key(layer.key, context.step, "forward", plan))
     incoming = _concat(received, where)
-    borrowed = [rows[i] if kind == "local" else incoming[i] for kind, i in plan.lenders]
-    total = totals["count"]
-    global_mean = summed[:c] / total
-    global_var = (summed[c:] / total).addcmul_(global_mean, global_mean, value=-1)
-    global_var.clamp_min_(0).mul_(total / (total - 1))
-    # ONE copy back: the k borrowed rows and the global statistics, in the accumulation dtype.
-    back = torch.stack(borrowed + [torch.cat([global_mean, global_var])]).to(device, acc)
-    rows_back = back.unbind(0)
-    borrowed_means = [r[:c] for r in rows_back[:k]]
-    borrowed_vars = [r[c:] for r in rows_back[:k]]
-    return ForwardResult(borrowed_means, borrowed_vars, rows_back[k][:c], rows_back[k][c:])
+    borrowed = stack_rows([rows[i] if kind == "local" else incoming[i] for kind, i in plan.lenders])
+    back = copy_back(borrowed, global_statistics(summed, totals["count"]), device, acc)
+    return ForwardResult(list(back[0:2 * k:2]), list(back[1:2 * k:2]), back[2 * k],
+                         back[2 * k + 1])
+
+
+def global_statistics(moments: torch.Tensor, total) -> torch.Tensor:
+    """The global batch's mean and unbiased variance, as one (2, C) tensor, from its moments
+    summed over all ranks (2C values: S1 = sum M_q m_q, then S2 = sum M_q (v_q + m_q^2)) and
+    its count M (a host number, or a device scalar where checks are deferred)."""
+    stats = moments.view(2, -1) / total
+    mean, var = stats.unbind(0)
+    var.addcmul_(mean, mean, value=-1).clamp_min_(0).mul_(total / (total - 1))
+    return stats
+
+
+def copy_back(rows: torch.Tensor, stats: torch.Tensor, device, acc) -> Tuple[torch.Tensor, ...]:
+    """ONE copy to the input's device and accumulation dtype: ``rows`` cut into (C,) rows, then
+    the global mean and variance (``stats``, from global_statistics)."""
+    c = stats.shape[1]
+    return torch.cat([rows.reshape(-1, c), stats]).to(device, acc).unbind(0)
 
 
 def rows_and_sums(means: List[torch.Tensor], variances: List[torch.Tensor],
@@ -94,6 +104,11 @@ def _rows(rows: torch.Tensor, groups: Sequence[int]) -> torch.Tensor:
     if len(groups) == rows.shape[0] and all(g == i for i, g in enumerate(groups)):
         return rows  # all my groups, in order
     return torch.stack([rows[g] for g in groups])
+
+
+def stack_rows(rows: List[torch.Tensor]) -> torch.Tensor:
+    """(C,) rows as one (n, C) tensor; one row as it is (copy_back cuts either)."""
+    return rows[0] if len(rows) == 1 else torch.stack(rows)
 
 
 def _concat(received, where):
@@ -126,7 +141,9 @@ class RouteBack:
         device, acc = sum_dy[0].device, sum_dy[0].dtype
         where = self.transport.rows_device(device)
         c = sum_dy[0].numel()
-        rows = torch.cat([torch.stack(sum_dy), torch.stack(sum_dy_xmu_invstd)], dim=1)
+        # One row (A_t, B_t s) per borrowing group t.
+        rows = torch.stack([row for pair in zip(sum_dy, sum_dy_xmu_invstd) for row in pair])
+        rows = rows.view(len(sum_dy), 2 * c)
         if weight is not None:  # ranks may hold different weights: the borrower's counts
             rows = rows * weight.repeat(2)
         rows = rows.to(where, torch.float64)
@@ -139,8 +156,8 @@ class RouteBack:
             self.layer.name + ".grad", sends, expect, 2 * c, where, context,
             match=plans.match_key(self.layer.key, context.step, "backward", plan))
         incoming = _concat(received, where)
-        mine = torch.stack([rows[t] if kind == "local" else incoming[t]
-                            for kind, t in plan.borrowers]).to(device, acc)
+        mine = stack_rows([rows[t] if kind == "local" else incoming[t]
+                           for kind, t in plan.borrowers]).to(device, acc)
         mine = mine.view(2 * len(plan.borrowers), c).unbind(0)  # A_0, Bs_0, A_1, Bs_1, ...
         return list(mine[0::2]), list(mine[1::2]), True
 

@@ -58,6 +58,15 @@ class Groups(NamedTuple):
     error: Optional[str]    # why this rank cannot take part with this input, or None
     sizes: Tuple[int, ...]  # samples per group
     counts: Tuple[int, ...]  # values per channel per group
+    # The backward's shapes: per-group, per-channel values as (k, 1, C, 1...), and the input
+    # grouped along dim 0 as (k, n, C, ...) when the groups are equal (else None).
+    coef_shape: Tuple[int, ...] = ()
+    grouped: Optional[Tuple[int, ...]] = None
+
+
+def failed_groups(error: str, k: int) -> Groups:
+    """A rank whose input cannot take part: no group counts."""
+    return Groups(error, (0,) * k, (0,) * k)
 
 
 @functools.lru_cache(maxsize=256)
@@ -65,14 +74,16 @@ def groups_of(shape: torch.Size, dtype: torch.dtype, num_features: int, k: int) 
     """The ``k`` contiguous groups of an input of ``shape`` and ``dtype``, or why there are none."""
     error = _shape_error(shape, dtype, num_features)
     if error is not None:
-        return Groups(error, (0,) * k, (0,) * k)
+        return failed_groups(error, k)
     sizes = tuple(group_sizes(shape[0], k))
     per_sample = math.prod(shape[2:])
     if min(sizes) * per_sample < 2:
         where = "" if k == 1 else f" in each of the {k} groups"
-        return Groups(f"expected more than 1 value per channel{where} when training, got input "
-                      f"of shape {tuple(shape)}", (0,) * k, (0,) * k)
-    return Groups(None, sizes, tuple(n * per_sample for n in sizes))
+        return failed_groups(f"expected more than 1 value per channel{where} when training, got "
+                             f"input of shape {tuple(shape)}", k)
+    coef_shape = (k, 1, num_features) + (1,) * (len(shape) - 2)
+    grouped = (k, sizes[0]) + tuple(shape[1:]) if len(set(sizes)) == 1 else None
+    return Groups(None, sizes, tuple(n * per_sample for n in sizes), coef_shape, grouped)
 
 
 def split_groups(tensor: torch.Tensor, sizes: Sequence[int]):
@@ -109,12 +120,12 @@ def normalise(chunks, weight, bias, means, variances, eps: float) -> torch.Tenso
 class Borrowed:
     """What one training forward hands to its backward: the statistics each group used and
     where the gradient of the borrowed statistics goes (``route_back``, from exchange.py)."""
-    __slots__ = ("chunks", "sizes", "counts", "own_means", "own_vars", "means", "variances",
-                 "eps", "route_back", "pool_counts")
+    __slots__ = ("chunks", "groups", "own_means", "own_vars", "means", "variances", "eps",
+                 "route_back", "pool_counts")
 
-    def __init__(self, chunks, sizes, counts, own_means, own_vars, means, variances, eps,
+    def __init__(self, chunks, groups: Groups, own_means, own_vars, means, variances, eps,
                  route_back, pool_counts=None):
-        self.chunks, self.sizes, self.counts = chunks, sizes, counts
+        self.chunks, self.groups = chunks, groups
         self.own_means, self.own_vars = own_means, own_vars
         self.means, self.variances, self.eps = means, variances, eps
         # Shuffled: exchange.RouteBack. Pooled (borrow_from="others"): pooled.SumBack, and
@@ -148,30 +159,27 @@ def _backward(ctx, grad_output):
     borrowed statistics' gradient adds to the lending groups, then dx in one pass."""
     input, weight = ctx.saved_tensors
     b = ctx.borrowed
-    needs_input_grad, needs_weight_grad, needs_bias_grad = ctx.needs_input_grad[:3]
-    input_dtype = input.dtype
-    acc = b.own_means[0].dtype
+    sizes = b.groups.sizes
+    input_dtype, acc = input.dtype, b.own_means[0].dtype
     if input_dtype != acc:  # float16/bfloat16: the whole gradient in float32, rounded once
         input, grad_output = input.to(acc), grad_output.to(acc)
     grad_output = grad_output.contiguous(memory_format=_memory_format(input))
-    chunks, grad_chunks = split_groups(input, b.sizes), split_groups(grad_output, b.sizes)
     # Per group, one reduction kernel: A = sum(dy) and B s_u = sum(dy (x - m_u)) s_u.
-    sum_dy_xmu_invstd, sum_dy = [], []
-    for dy, x, m, v in zip(grad_chunks, chunks, b.means, b.variances):
+    sum_dy, sum_dy_xmu_invstd = [], []
+    for dy, x, m, v in zip(split_groups(grad_output, sizes), split_groups(input, sizes),
+                           b.means, b.variances):
         _, bs, a = _NATIVE_BACKWARD(dy, x, weight, m, v, None, None, False, b.eps, _SUMS_ONLY)
-        sum_dy_xmu_invstd.append(bs)
         sum_dy.append(a)
-    grad_weight = grad_bias = grad_input = None
-    if weight is not None and needs_weight_grad:
-        grad_weight = _sum(sum_dy_xmu_invstd)
-    if needs_bias_grad:
-        grad_bias = _sum(sum_dy)
+        sum_dy_xmu_invstd.append(bs)
+    needs_input_grad, needs_weight_grad, needs_bias_grad = ctx.needs_input_grad[:3]
+    grad_weight = _sum(sum_dy_xmu_invstd) if needs_weight_grad and weight is not None else None
+    grad_bias = _sum(sum_dy) if needs_bias_grad else None
+    grad_input = None
     if needs_input_grad:
-        # Per group and channel values broadcast over the input grouped as (k, n, C, ...).
-        shape = (len(b.sizes), 1, input.size(1)) + (1,) * (input.dim() - 2)
-        coefs = _coefficients(b, sum_dy, sum_dy_xmu_invstd, weight, shape)
-        grad_input = _affine_input_gradient(grad_output, input, *coefs, b.sizes)
-        grad_input = grad_input.to(input_dtype)
+        coef_a, coef_b, coef_c = _coefficients(b, sum_dy, sum_dy_xmu_invstd, weight)
+        grad_input = _affine_input_gradient(grad_output, input, coef_a, coef_b, coef_c, b.groups)
+        if input_dtype != acc:
+            grad_input = grad_input.to(input_dtype)
     return grad_input, grad_weight, grad_bias, None
 
 
@@ -183,12 +191,13 @@ _SUMS_ONLY = [False, True, True]
 _NATIVE_BACKWARD = torch.ops.aten.native_batch_norm_backward.default
 
 
-def _coefficients(b: Borrowed, sum_dy, sum_dy_xmu_invstd, weight, shape):
+def _coefficients(b: Borrowed, sum_dy, sum_dy_xmu_invstd, weight):
     """The input gradient dx = coef_a * dy + coef_b * x + coef_c per group and channel, as three
-    tensors of ``shape`` (k, 1, C, 1...): the direct term w s_u, and what the borrowed
+    tensors of shape (k, 1, C, 1...): the direct term w s_u, and what the borrowed
     statistics' gradient adds to the groups that lent them."""
+    shape = b.groups.coef_shape
+    k = shape[0]
     # ONE stack of every per-group row, viewed as per-group, per-channel values.
-    k = len(b.sizes)
     if b.pool_counts is None:
         # What my lending groups get back from their borrowers, weighted by the borrower's
         # weight (or not, when the borrowers are all mine and share my weight); the lenders'
@@ -197,19 +206,20 @@ def _coefficients(b: Borrowed, sum_dy, sum_dy_xmu_invstd, weight, shape):
         rows = torch.stack([*grad_a, *grad_bs, *b.own_means, *b.own_vars, *b.variances])
         rows[3 * k:].add_(b.eps).rsqrt_()
         grad_a, grad_bs, mean, lender_invstd, invstd = rows.view((5,) + shape).unbind(0)
-        counts = b.counts
+        counts = b.groups.counts
     else:  # each group's pool lends to it: each group's own terms, summed over the others below
         rows = torch.stack([*sum_dy, *sum_dy_xmu_invstd, *b.means, *b.variances])
         grad_a, grad_bs, mean, invstd = rows.view((4,) + shape).unbind(0)
         lender_invstd = invstd.add_(b.eps).rsqrt_()
         weighted, counts = False, b.pool_counts
     weight = None if weight is None else weight.view(shape[2:])
-    # u = -w s / M; then b = u s (w B s) and c = u (w A) - m b, per group and channel.
-    u = pooled.scale_rows(lender_invstd, [-1.0 / m for m in counts])
+    # z = -w s / M and p = s (w B s) per group and channel; then b = z p, c = z (w A) - m b.
+    z = pooled.scale_rows(lender_invstd, [-1.0 / m for m in counts])
     if not weighted and weight is not None:
-        u.mul_(weight)
-    coef_b = (u * lender_invstd).mul_(grad_bs)
-    coef_c = grad_a.mul_(u).addcmul_(mean, coef_b, value=-1)
+        z.mul_(weight)
+    p = grad_bs.mul_(lender_invstd)
+    coef_b = z * p
+    coef_c = grad_a.addcmul_(mean, p, value=-1).mul_(z)
     if b.pool_counts is not None:
         coef_b, coef_c = pooled.all_but_own(coef_b, coef_c, b.route_back)
     return (invstd if weight is None else invstd * weight), coef_b, coef_c
@@ -219,16 +229,16 @@ def _sum(tensors: List[torch.Tensor]) -> torch.Tensor:
     return functools.reduce(operator.add, tensors)
 
 
-def _affine_input_gradient(grad_output, input, coef_a, coef_b, coef_c, sizes) -> torch.Tensor:
+def _affine_input_gradient(grad_output, input, coef_a, coef_b, coef_c, groups: Groups):
     """dx = coef_a * dy + coef_b * x + coef_c per group and channel (coefficients of shape
     (k, 1, C, 1...)): one fused pass over the input, no intermediate of its size besides dx."""
-    if len(set(sizes)) == 1:  # equal groups: the whole batch at once, grouped along dim 0
-        grouped = (len(sizes), sizes[0]) + tuple(input.shape[1:])
-        grad = torch.addcmul(coef_c, input.view(grouped), coef_b)
-        grad.addcmul_(grad_output.view(grouped), coef_a)
+    if groups.grouped is not None:  # equal groups: the whole batch at once, grouped along dim 0
+        grad = torch.addcmul(coef_c, input.view(groups.grouped), coef_b)
+        grad.addcmul_(grad_output.view(groups.grouped), coef_a)
         return grad.reshape(input.shape)  # a view, unless the input's strides are unusual
     grads = [torch.addcmul(c, x, b).addcmul_(dy, a) for a, b, c, dy, x in zip(
-        coef_a, coef_b, coef_c, split_groups(grad_output, sizes), split_groups(input, sizes))]
+        coef_a, coef_b, coef_c, split_groups(grad_output, groups.sizes),
+        split_groups(input, groups.sizes))]
     return torch.cat(grads)
 
 

@@ -25,7 +25,7 @@ import torch
 
 from .agreement import raise_if_any_rank_failed
 from .deferred import header_and_count, leave_for_the_check
-from .exchange import ForwardResult
+from .exchange import ForwardResult, copy_back, global_statistics
 from .waits import WaitContext
 
 
@@ -72,12 +72,8 @@ def borrow_pooled(transport, layer, means: List[torch.Tensor], variances: List[t
     if not across:  # one process: the running statistics take the whole batch themselves
         rows = pools.to(device, acc).view(2 * k, c).unbind(0)
         return ForwardResult(list(rows[:k]), list(rows[k:])), pool_counts
-    global_mean = totals[0] / total
-    global_var = (totals[1] / total).addcmul_(global_mean, global_mean, value=-1)
-    global_var.clamp_min_(0).mul_(total / (total - 1))
     # ONE copy back: k pooled means, k pooled variances and the global statistics.
-    back = torch.cat([pools.view(2 * k, c), global_mean.view(1, c), global_var.view(1, c)])
-    rows = back.to(device, acc).unbind(0)
+    rows = copy_back(pools, global_statistics(totals, total), device, acc)
     return ForwardResult(list(rows[:k]), list(rows[k:2 * k]), rows[2 * k],
                          rows[2 * k + 1]), pool_counts
 

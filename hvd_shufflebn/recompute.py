@@ -75,8 +75,7 @@ def _frame_of(hook, depth: int = 3) -> Optional[object]:
 class Record(NamedTuple):
     step: int
     plan: object  # plan.StepPlan: the permutation and who sends what
-    sizes: list
-    counts: list
+    groups: object  # functional.Groups: sizes and counts of the groups
     own_means: list  # per group, (C,) tensors, like the three below
     own_vars: list
     borrowed_means: list

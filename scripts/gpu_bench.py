@@ -2,6 +2,10 @@
 minutes on a current GPU):
 
     python scripts/gpu_bench.py [--steps 20] [--batch 64]
+    python scripts/gpu_bench.py --rehearse-on-cpu   # seconds: the same code on CPU, tiny sizes
+
+The rehearsal runs every step that does not need CUDA on the CPU (the tests do it), so that the
+script's first run on a GPU machine, where device time is short, is not its first run at all.
 
 1. scripts/cuda_check.py's checks (correctness on CUDA against the float64 reference);
 2. no device sync in a steady-state training step: a small network with ShuffleBatchNorm
@@ -64,42 +68,43 @@ def check_no_sync(device, borrow_from):
                              f"borrow_from={borrow_from!r})", ok, detail)
 
 
-def time_resnet50(device, steps, batch):
+def time_resnet50(device, steps, batch, size=224):
     torch.manual_seed(0)
     plain = ResNet(Bottleneck, [3, 4, 6, 3]).to(device).to(memory_format=torch.channels_last)
     models = {"bn": plain}
     for mode in ("permutation", "others"):
         models[mode] = convert_shuffle_batchnorm(copy.deepcopy(plain), groups_per_rank=2,
                                                  transport="local", borrow_from=mode)
-    x = torch.randn(batch, 3, 224, 224, device=device).to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, size, size, device=device).to(memory_format=torch.channels_last)
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     optimizers = {name: torch.optim.SGD(m.parameters(), lr=0.01) for name, m in models.items()}
 
     def train(name):
         model, optimizer = models[name], optimizers[name]
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             loss = model(x).float().square().mean()
         loss.backward()
         optimizer.step()
 
     def key_forward(name):
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
             models[name](x)
     for what, fn in (("training step", train), ("key-encoder forward", key_forward)):
         times = {name: [] for name in models}
         for name in times:  # warm: cuDNN autotuning, allocator
             for _ in range(3):
                 fn(name)
-        torch.cuda.synchronize()
+        synchronize()
         for i in range(steps):
             for name in (list(models) if i % 2 == 0 else list(reversed(models))):
                 start = time.perf_counter()
                 fn(name)
-                torch.cuda.synchronize()
+                synchronize()
                 times[name].append(time.perf_counter() - start)
         for mode in ("permutation", "others"):
             ratios = [s / b for s, b in zip(times[mode], times["bn"])]
-            print(f"TIME ResNet-50-style, 224 px, batch {batch}, bf16 autocast, channels_last, "
+            print(f"TIME ResNet-50-style, {size} px, batch {batch}, {device.type}, bf16 autocast, channels_last, "
                   f"{what}: BatchNorm2d {statistics.median(times['bn']) * 1e3:.1f} ms, "
                   f"ShuffleBatchNorm (groups_per_rank=2, borrow_from={mode!r}) "
                   f"{statistics.median(times[mode]) * 1e3:.1f} ms, ratio "
@@ -110,7 +115,15 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--rehearse-on-cpu", action="store_true",
+                   help="run what needs no CUDA on the CPU, at tiny sizes (seconds)")
     args = p.parse_args()
+    if args.rehearse_on_cpu:
+        device = torch.device("cpu")
+        ok = cuda_check.check_groups_one_process(device)
+        print("SKIP no device sync in a steady-state step: sync debug mode needs CUDA")
+        time_resnet50(device, steps=2, batch=4, size=32)
+        return 0 if ok else 1
     if not torch.cuda.is_available():
         print("SKIP all: no CUDA device here (torch.cuda.is_available() is False)")
         return 0

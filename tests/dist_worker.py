@@ -716,6 +716,35 @@ def case_deferred_checks():
         run_and_check(layer, (3 + RANK % 2, 4, 3), torch.float64, steps=2)
 
 
+def case_ops_per_call():
+    """The aten ops of one layer call between ranks stay within their transport's budget
+    (test_host_cost.py), in the steady state of MoCo's order: a training step, then a no-grad
+    forward."""
+    from test_host_cost import OPS_ACROSS_RANKS, CountOps
+    layer = ShuffleBN(16)
+    x = make_input((8, 16, 2, 2), torch.float32, seed=RANK)
+    dy = make_input(x.shape, torch.float32, seed=100 + RANK, requires_grad=False)
+
+    def train():
+        layer(x).backward(dy)
+
+    def key_forward():
+        with torch.no_grad():
+            layer(x)
+    for _ in range(3):  # the first exchanges agree on num_features; plans are made
+        train()
+        key_forward()
+    counts = []
+    for call in (train, key_forward):
+        with CountOps() as ops:
+            call()
+        counts.append(len(ops.ops))
+    kind = layer.resolved_transport + ("-deferred" if DEFERRED else "")
+    budget = OPS_ACROSS_RANKS[kind]
+    assert counts[0] <= budget[0] and counts[1] <= budget[1], \
+        f"rank {RANK}, {kind}: {counts} ops (forward+backward, no-grad forward), budget {budget}"
+
+
 def case_others():
     """borrow_from="others": every rank (group) normalises with the pooled statistics of all the
     other ranks (groups): 2d-5d, uneven batches, low precision, channels_last, groups on this

@@ -110,6 +110,22 @@ def test_benchmark_smoke_runs_every_variant():
         assert "[network] skipped:" in done.stdout
 
 
+def test_gpu_benchmark_rehearses_on_cpu():
+    """scripts/gpu_bench.py with --rehearse-on-cpu: its checks against the float64 reference and
+    its ResNet-50-style timing loop (bfloat16 autocast, channels_last) run on the CPU, so the
+    first run on a GPU machine is not the script's first run."""
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_bench.py"),
+                           "--rehearse-on-cpu"], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=TIMEOUT)
+    print(done.stdout)
+    assert done.returncode == 0
+    assert done.stdout.count("PASS groups on one process") == 5 and "FAIL" not in done.stdout
+    for what in ("training step", "key-encoder forward"):
+        for mode in ("permutation", "others"):
+            assert re.search(rf"TIME .*cpu.*{what}: .*borrow_from='{mode}'.* ratio [0-9.]+x",
+                             done.stdout), (what, mode)
+
+
 def test_one_process_example_needs_no_launcher():
     done = subprocess.run([sys.executable, str(ROOT / "examples" / "one_process.py"),
                            "--epochs", "2"], cwd=ROOT, stdout=subprocess.PIPE,

@@ -19,6 +19,11 @@ OPS_NO_GRAD_FORWARD = 8    # BatchNorm2d: 3
 # (small per-channel ops in float64), the backward adds one per-channel sum.
 OPS_FORWARD_BACKWARD_POOLED = 57
 OPS_NO_GRAD_FORWARD_POOLED = 24
+# Between ranks (tests/dist_worker.py, case_ops_per_call): one layer per rank, groups_per_rank=1,
+# input 8x16x2x2, as (forward+backward, no-grad forward) per transport; "-deferred" is
+# torch.distributed checking once per step (deferred.py), as it does on CUDA under NCCL.
+OPS_ACROSS_RANKS = {"mpi": (69, 35), "horovod": (67, 32), "torch.distributed": (67, 33),
+                    "torch.distributed-deferred": (75, 39)}
 
 
 class CountOps(TorchDispatchMode):
