@@ -18,7 +18,8 @@ test: setup
 demo: setup
 	OMPI_MCA_mpi_yield_when_idle=1 $(HOROVODRUN) -np 8 $(PYTHON) examples/train_cnn.py
 
-# benchmarks/RESULTS.md, results.png and network.png from every run (25-40 minutes on 2 cores, with the machine's load).
+# benchmarks/RESULTS.md, results.png and network.png from every run (25-40 minutes on 2 cores,
+# with the machine's load).
 bench: setup
 	bash scripts/setup_multihost.sh
 	$(PYTHON) benchmarks/run_all.py

@@ -104,8 +104,8 @@ def time_resnet50(device, steps, batch, size=224):
                 times[name].append(time.perf_counter() - start)
         for mode in ("permutation", "others"):
             ratios = [s / b for s, b in zip(times[mode], times["bn"])]
-            print(f"TIME ResNet-50-style, {size} px, batch {batch}, {device.type}, bf16 autocast, channels_last, "
-                  f"{what}: BatchNorm2d {statistics.median(times['bn']) * 1e3:.1f} ms, "
+            print(f"TIME ResNet-50-style, {size} px, batch {batch}, {device.type}, bf16 autocast, "
+                  f"channels_last, {what}: BatchNorm2d {statistics.median(times['bn']) * 1e3:.1f} ms, "
                   f"ShuffleBatchNorm (groups_per_rank=2, borrow_from={mode!r}) "
                   f"{statistics.median(times[mode]) * 1e3:.1f} ms, ratio "
                   f"{statistics.median(ratios):.3f}x (median of {steps} paired steps)", flush=True)
