@@ -27,7 +27,7 @@ from typing import List, Sequence
 import torch
 
 from .agreement import HEADER, raise_if_any_rank_failed
-from .exchange import ForwardResult, copy_back, global_statistics, rows_and_sums, stack_rows
+from .exchange import ForwardResult, borrowed_result, global_statistics, rows_and_sums
 
 DEFER_ENV = "HVD_SHUFFLEBN_DEFER_CHECKS"  # "1": the deferred check on any device (for tests)
 
@@ -83,9 +83,7 @@ def borrow(transport, layer, plan, means: List[torch.Tensor], variances: List[to
     for g in plan.perm[transport.rank * k:(transport.rank + 1) * k]:
         start = h + 2 * c * (1 + g % k)
         lenders.append(everyone[g // k, start:start + 2 * c])
-    back = copy_back(stack_rows(lenders), global_statistics(moments, total), device, acc)
-    return ForwardResult(list(back[0:2 * k:2]), list(back[1:2 * k:2]), back[2 * k],
-                         back[2 * k + 1])
+    return borrowed_result(lenders, global_statistics(moments, total), device, acc)
 
 
 def header_and_count(report_header: List[float], counts: Sequence[int],

@@ -41,7 +41,7 @@ def borrow_across_ranks(transport, layer, plan: plans.StepPlan, means, variances
     mean and unbiased variance, in the accumulation dtype on the input's device."""
     device, acc = means[0].device, means[0].dtype
     where = transport.rows_device(device)
-    k, c = len(means), means[0].numel()
+    c = means[0].numel()
     rows, sums = rows_and_sums(means, variances, counts, where)
     header = torch.tensor(report_header + [float(sum(counts))], dtype=torch.float64)
     route = plan.route
@@ -59,8 +59,16 @@ def borrow_across_ranks(transport, layer, plan: plans.StepPlan, means, variances
         layer.name, sends, expect, 2 * c, where, context, header.to(where), sums, check,
         match=plans.match_key(layer.key, context.step, "forward", plan))
     incoming = _concat(received, where)
-    borrowed = stack_rows([rows[i] if kind == "local" else incoming[i] for kind, i in plan.lenders])
-    back = copy_back(borrowed, global_statistics(summed, totals["count"]), device, acc)
+    lenders = [rows[i] if kind == "local" else incoming[i] for kind, i in plan.lenders]
+    return borrowed_result(lenders, global_statistics(summed, totals["count"]), device, acc)
+
+
+def borrowed_result(lenders: List[torch.Tensor], stats: torch.Tensor, device,
+                    acc) -> ForwardResult:
+    """What a shuffled forward returns: the rows (mean, variance) my groups borrow, one per
+    group, and the global statistics, in ONE copy back (copy_back)."""
+    k = len(lenders)
+    back = copy_back(stack_rows(lenders), stats, device, acc)
     return ForwardResult(list(back[0:2 * k:2]), list(back[1:2 * k:2]), back[2 * k],
                          back[2 * k + 1])
 
